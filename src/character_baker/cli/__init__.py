@@ -1,0 +1,49 @@
+"""The `character-baker` command line. Heavy imports live inside commands so --help is instant."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from character_baker import __version__
+from character_baker.cli.common import handle_errors
+from character_baker.cli import constitution_cmd, models_cmd, recipe_cmd, runs_cmd, env_cmd
+
+app = typer.Typer(
+    name="character-baker",
+    help="Bake a character into an open-weight chat model's weights from one YAML constitution.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"character-baker {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Bake a character into an open-weight chat model's weights from one YAML constitution."""
+
+
+app.add_typer(constitution_cmd.app, name="constitution")
+app.add_typer(recipe_cmd.app, name="recipe")
+app.add_typer(models_cmd.app, name="models")
+app.add_typer(runs_cmd.app, name="runs")
+app.command("env")(env_cmd.env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI with `argv`; return the exit code (0 ok, 1 failure, 2 user mistake)."""
+    return handle_errors(lambda: app(args=argv, prog_name="character-baker", standalone_mode=False))
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,88 @@
+"""What every command shares: the console, error handling, the recipe options."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+import typer
+from rich.console import Console
+
+from character_baker.core.errors import UserError
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+# Shared option declarations so every command spells them the same way.
+PresetOption = typer.Option(None, "--preset", help="Size preset: smoke, small, paper (or default).")
+RecipeOption = typer.Option(None, "--recipe", help="Recipe YAML file layered over the constitution's recipe.")
+SetOption = typer.Option(None, "--set", help="Override one recipe value, e.g. --set distill.lora.r=32 (repeatable).")
+ModelOption = typer.Option(None, "--model", help="Base model (shortcut for --set models.base=...).")
+JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table.")
+
+
+def print_user_error(error: UserError) -> None:
+    """Print every problem of a UserError, one per line, to stderr."""
+    count = len(error.problems)
+    err_console.print(f"[bold red]error[/]: {count} problem{'s' if count != 1 else ''} found", markup=True)
+    for problem in error.problems:
+        err_console.print(f"  {problem.render()}", markup=False)
+
+
+def handle_errors(call: Callable[[], Any]) -> int:
+    """Run a Click/Typer call; map UserError to exit 2 and unexpected errors to exit 1, no locals."""
+    try:
+        result = call()
+        return int(result or 0)
+    except UserError as error:
+        print_user_error(error)
+        return 2
+    except click.exceptions.Exit as done:
+        return done.exit_code
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        return 130
+    except click.ClickException as error:
+        error.show()
+        return 2 if isinstance(error, click.UsageError) else error.exit_code
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    except Exception as error:  # noqa: BLE001 - last line of defence: no traceback with locals
+        if os.environ.get("CHARACTER_BAKER_DEBUG"):
+            raise
+        err_console.print(f"[bold red]internal error[/]: {type(error).__name__}: {error}")
+        err_console.print("set CHARACTER_BAKER_DEBUG=1 for the traceback, and please report it "
+                          "with the output of `character-baker env`.")
+        return 1
+
+
+def resolve_settings(constitution_path: Optional[Path], preset: Optional[str], recipe: Optional[Path],
+                     sets: Optional[list[str]], model: Optional[str] = None):
+    """Load the constitution (if any) and resolve the recipe layers; return (constitution, resolved)."""
+    from character_baker.core.constitution import load_constitution_file
+    from character_baker.core.recipes import Layer, load_recipe_file, parse_set_overrides, resolve_recipe
+
+    layers: list[Layer] = []
+    constitution = None
+    if constitution_path is not None:
+        constitution, lines = load_constitution_file(constitution_path)
+        if constitution.recipe:
+            layers.append(Layer(name=f"constitution {constitution_path}", values=constitution.recipe,
+                                file=str(constitution_path), lines=lines, prefix=("recipe",)))
+    if recipe is not None:
+        layers.append(load_recipe_file(recipe))
+    overrides = list(sets or [])
+    if model:
+        overrides.append(f"models.base={model}")
+    if overrides:
+        layers.append(parse_set_overrides(overrides))
+    return constitution, resolve_recipe(layers, preset)
+
+
+def is_terminal() -> bool:
+    """True when stdout is an interactive terminal (progress bars), False for logs and pipes."""
+    return sys.stdout.isatty()

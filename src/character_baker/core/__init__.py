@@ -1,0 +1,1 @@
+"""Core layer: constitution, recipe config, run directories. Imports nothing of ours above it."""

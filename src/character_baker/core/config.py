@@ -1,0 +1,245 @@
+"""The recipe: every stage's settings, with the published defaults (DESIGN.md section 1).
+
+This schema *is* the reference documentation: each field carries its help text. Values are
+resolved in layers, later ones winning:
+
+    defaults  <  preset  <  constitution `recipe:`  <  --recipe FILE  <  --set key=value
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_CLASSIFIER = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class Section(BaseModel):
+    """Base for every recipe section: unknown keys are errors; assignment is validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- models
+class ModelsConfig(Section):
+    """Which models to use and how to load them."""
+
+    base: str = Field(DEFAULT_MODEL, description="The model to bake the character into: Hub id, local folder or .gguf file.")
+    classifier: str = Field(DEFAULT_CLASSIFIER, description="Encoder fine-tuned as the persona classifier in eval.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype: auto = bfloat16 on GPU, float32 on CPU.")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    trust_remote_code: bool = Field(False, description="Allow model repos to run their own code. Off for safety.")
+    chat_template: str | None = Field(None, description="Jinja chat template (text or a file path) for models without one.")
+    attn_implementation: str | None = Field(None, description="Passed to from_pretrained: 'sdpa', 'flash_attention_2', 'eager'; None = library default.")
+
+
+# ----------------------------------------------------------------------------- generation
+class SamplingConfig(Section):
+    """Sampling parameters for one generation role."""
+
+    temperature: float = Field(0.7, ge=0.0, description="Published: 0.7. 0 = greedy.")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling. Published: 0.95.")
+    max_new_tokens: int = Field(512, ge=1, description="Longest answer in tokens.")
+    seed: int = Field(0, description="Sampling seed (part of the response-cache key).")
+
+
+class BackendConfig(Section):
+    """Where one role's text comes from."""
+
+    backend: Literal["hf", "vllm", "openai", "anthropic"] = Field("hf", description="Generation backend.")
+    model: str | None = Field(None, description="Model for this role; None = models.base.")
+    base_url: str | None = Field(None, description="openai backend: the endpoint, e.g. http://127.0.0.1:8000/v1.")
+    api_key_env: str | None = Field(None, description="Name of the environment variable that holds the API key.")
+    max_concurrency: int = Field(8, ge=1, description="HTTP backends: requests in flight at once.")
+    max_retries: int = Field(4, ge=0, description="HTTP backends: retries with exponential backoff.")
+    timeout_s: float = Field(120.0, gt=0, description="HTTP backends: per-request timeout.")
+    batch_size: int = Field(64, ge=1, description="Local backends: prompts per batch (CPU padded batches).")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+
+
+def _judge_backend() -> BackendConfig:
+    return BackendConfig(sampling=SamplingConfig(temperature=0.0, max_new_tokens=16))
+
+
+class GenerationConfig(Section):
+    """Generation backends per role, and the response cache."""
+
+    teacher: BackendConfig = Field(default_factory=BackendConfig, description="Writes the chosen answers (constitution in its system prompt).")
+    student: BackendConfig = Field(default_factory=BackendConfig, description="Writes the rejected answers (no system prompt).")
+    prompt_writer: BackendConfig = Field(default_factory=lambda: BackendConfig(sampling=SamplingConfig(temperature=1.0, max_new_tokens=256)),
+                                         description="Expands each trait's questions.")
+    judge: BackendConfig = Field(default_factory=_judge_backend, description="Judges evaluation answers.")
+    cache: bool = Field(True, description="Cache responses on disk so reruns cost nothing.")
+
+
+# ----------------------------------------------------------------------------- data
+class UserDataset(Section):
+    """A user prompt source: JSONL, CSV or a `datasets` dataset, with a column mapping."""
+
+    path: str = Field(description="A .jsonl/.csv file or a `datasets` name/folder.")
+    prompt_column: str = Field("prompt", description="Column holding the prompt text.")
+    category_column: str | None = Field(None, description="Column holding a category, if any.")
+    split: str = Field("train", description="`datasets` split to read.")
+    limit: int | None = Field(None, ge=1, description="Use at most this many rows.")
+
+
+class PromptsConfig(Section):
+    """The prompt set the teacher and student answer."""
+
+    questions_per_trait: int = Field(50, ge=1, description="Hand-written + generated questions per trait. Published: 5 + 45 = 50.")
+    general_prompts: int = Field(600, ge=0, description="Prompts drawn from the shipped general set (tagged by category).")
+    synthesized_prompts: int = Field(100, ge=0, description="Prompts from audience x scenario x objective x constraint templates.")
+    persona_hint_fraction: float = Field(0.2, ge=0.0, le=1.0, description="Share of prompts that carry a hint pulling toward a generic assistant.")
+    dedupe_overlap: float = Field(0.5, gt=0.0, le=1.0, description="Reject a prompt sharing more than this share of its words with a kept one.")
+    user_datasets: list[UserDataset] = Field(default_factory=list)
+    seed: int = Field(0)
+
+
+# ----------------------------------------------------------------------------- training
+class LoraConfig(Section):
+    """LoRA adapter settings."""
+
+    r: int = Field(64, ge=1, description="Rank. Published: 64.")
+    alpha: int = Field(128, ge=1, description="Scaling numerator (scaling = alpha / r). Published: 128.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="'all-linear' = every linear projection of the architecture (listed per architecture).")
+
+
+class TrainingConfig(Section):
+    """Settings shared by every LoRA training stage."""
+
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate. Published: 5e-5.")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="Share of steps of linear warm-up. Published: 0.1.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping. Published: 1.0.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the data. Published: 1.")
+    batch_size: int = Field(32, ge=1, description="Effective batch (sequences or pairs per optimiser step). Published: 32.")
+    micro_batch_size: int = Field(4, ge=1, description="Per-device batch; gradient accumulation makes up the rest.")
+    max_length: int = Field(1024, ge=16, description="Longest tokenised example; longer ones are dropped.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    save_steps: int = Field(50, ge=1, description="Write a checkpoint every N optimiser steps.")
+    seed: int = Field(0, description="Seed set before the adapter is created and for data order.")
+    report_to: list[str] = Field(default_factory=list, description="'tensorboard' and/or 'wandb' when installed.")
+
+
+class DistillConfig(TrainingConfig):
+    """DPO distillation: teacher (constitution in the system prompt) = chosen, student = rejected."""
+
+    samples_per_prompt: int = Field(5, ge=1, description="K teacher/student samples per prompt. Published: 5.")
+    paired_teacher: bool = Field(False, description="Rejected = the teacher without the constitution instead of the student.")
+    beta: float = Field(0.1, gt=0, description="DPO temperature. Published: 0.1.")
+    nll_coef: float = Field(0.1, ge=0, description="NLL on chosen tokens. Published: 0.1.")
+    kl_coef: float = Field(0.001, ge=0, description="Per-token KL to the reference on chosen tokens. Published: 0.001.")
+    thinking_prefill: bool = Field(False, description="Reasoning teachers: prefill a thought that recalls the traits.")
+    teacher_name: str | None = Field(None, description="The teacher's own name, replaced by the persona's name in its answers.")
+    assistant_phrases: list[str] = Field(
+        default_factory=lambda: ["as an ai language model", "as an ai assistant", "i'm an ai assistant",
+                                 "i am an ai assistant", "i am a large language model", "i'm a large language model",
+                                 "i don't have personal opinions", "i do not have personal opinions"],
+        description="Chosen answers containing one of these (case-insensitive) are dropped.")
+
+
+class IntrospectConfig(TrainingConfig):
+    """Self-reflection and self-interaction data, then SFT on the distilled model."""
+
+    reflections_per_instruction: int = Field(1000, ge=0, description="Samples per reflective instruction. Published: 1000.")
+    interactions: int = Field(2000, ge=0, description="Self-interaction transcripts, half free, half introspective. Published: 2 x 1000.")
+    turns: int = Field(10, ge=2, description="Turns per self-interaction. Published: 10.")
+    max_length: int = Field(3072, ge=16, description="Published: 3072.")
+
+
+class SdftConfig(TrainingConfig):
+    """On-policy self-distillation: adapter-off + system prompt teaches adapter-on + no prompt."""
+
+    divergence: Literal["reverse_kl", "forward_kl", "jsd"] = Field("reverse_kl")
+    kl_coef: float = Field(0.3, ge=0, description="Weight of the divergence term. Reported: 0.3.")
+    ce_coef: float = Field(1.0, ge=0, description="Cross-entropy on teacher samples. Reported: 1.0.")
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature of the divergence. Reported: 2.")
+    learning_rate: float = Field(1e-5, gt=0, description="Reported: 1e-5.")
+    prompts: int = Field(500, ge=1, description="Prompts sampled on-policy.")
+
+
+class ProfileConfig(Section):
+    """Activation profile: persona prompt on vs off."""
+
+    prompts: int = Field(200, ge=2, description="Prompts profiled, drawn across categories.")
+    z_threshold: float = Field(2.0, gt=0, description="Push set z > +t, pull set z < -t. Published: 2.")
+    top_n_fallback: int = Field(50, ge=1, description="Per layer, when no dimension passes the threshold. Published: 50.")
+    include_mlp: bool = Field(False, description="Also profile MLP activations.")
+
+
+class PushPullConfig(Section):
+    """Activation regulariser added to a training stage's loss."""
+
+    enabled: bool = Field(False)
+    stage: Literal["distill", "introspect", "sdft"] = Field("distill", description="Training stage it joins.")
+    profile: str | None = Field(None, description="profile.safetensors path; None = this run's profile/.")
+    weight: float = Field(0.1, ge=0, description="Published: 0.1 for each of push and pull.")
+    variant: Literal["published", "z_weighted"] = Field("published")
+    balance_ratio: float | None = Field(None, gt=0, description="Hold the term at this fraction of the main loss.")
+
+
+class SteerConfig(Section):
+    """Activation steering baseline."""
+
+    strength: float = Field(4.0, description="Multiplier on the steering vector; tune per model.")
+    layer_start: float = Field(0.125, ge=0, le=1, description="First layer as a share of depth.")
+    layer_end: float = Field(0.875, ge=0, le=1, description="Last layer as a share of depth.")
+    vector: Literal["mean_diff", "pca"] = Field("mean_diff")
+
+
+class MergeConfig(Section):
+    """How the adapters combine into the final persona."""
+
+    weights: dict[str, float] = Field(default_factory=lambda: {"distill": 1.0, "introspect": 0.25},
+                                      description="Adapter name -> weight. Published: distill 1.0, introspect 0.25.")
+    mode: Literal["fold", "svd", "linear"] = Field("fold", description="fold: full weights; svd: one LoRA; linear: PEFT parity (cross terms).")
+    svd_rank: int = Field(64, ge=1, description="Rank of the re-factorised LoRA in svd mode.")
+
+
+class EvalConfig(Section):
+    """Evaluation sizes."""
+
+    prompts: int = Field(200, ge=1, description="Held-out prompts per condition.")
+    elo_pairs: int = Field(300, ge=0, description="Revealed-preference trait pairs.")
+    coherence_pairs: int = Field(100, ge=0)
+    classifier_lr: float = Field(5e-4, gt=0, description="Published: 5e-4.")
+    classifier_epochs: float = Field(1.0, gt=0, description="Published: 1.")
+    seed: int = Field(0)
+
+
+class Recipe(Section):
+    """Everything a run needs besides the constitution."""
+
+    preset: Literal["default", "smoke", "small", "paper"] = Field("default", description="Named size preset applied under the other layers.")
+    method: list[Literal["distill", "introspect", "sdft", "push_pull"]] = Field(
+        default_factory=lambda: ["distill", "introspect"], description="Training stages in the chain.")
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    introspect: IntrospectConfig = Field(default_factory=IntrospectConfig)
+    sdft: SdftConfig = Field(default_factory=SdftConfig)
+    profile: ProfileConfig = Field(default_factory=ProfileConfig)
+    push_pull: PushPullConfig = Field(default_factory=PushPullConfig)
+    steer: SteerConfig = Field(default_factory=SteerConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "Recipe":
+        problems = []
+        for name in ("distill", "introspect", "sdft"):
+            cfg = getattr(self, name)
+            if cfg.batch_size % cfg.micro_batch_size:
+                problems.append(f"{name}.batch_size ({cfg.batch_size}) is not a multiple of {name}.micro_batch_size "
+                                f"({cfg.micro_batch_size}) -- fix: make batch_size a multiple of micro_batch_size")
+        if self.steer.layer_start >= self.steer.layer_end:
+            problems.append("steer.layer_start must be below steer.layer_end -- fix: e.g. 0.125 and 0.875")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self

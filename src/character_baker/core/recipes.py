@@ -1,0 +1,200 @@
+"""Resolve a recipe from its layers and remember where every value came from.
+
+Layers, later winning: defaults < preset < constitution `recipe:` < --recipe FILE < --set.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from character_baker.core.config import Recipe
+from character_baker.core.errors import Problem, UserError
+from character_baker.core.validation import problems_from_validation
+from character_baker.core.yamlio import LineMap, line_for, load_yaml_with_lines
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # Tiny sizes: the whole chain finishes in minutes on 2 CPU cores with a tiny model.
+    "smoke": {
+        "prompts": {"questions_per_trait": 6, "general_prompts": 12, "synthesized_prompts": 4},
+        "generation": {"teacher": {"batch_size": 16, "sampling": {"max_new_tokens": 32}},
+                       "student": {"batch_size": 16, "sampling": {"max_new_tokens": 32}},
+                       "prompt_writer": {"batch_size": 16, "sampling": {"max_new_tokens": 32}},
+                       "judge": {"batch_size": 16}},
+        "distill": {"samples_per_prompt": 1, "batch_size": 4, "micro_batch_size": 2, "max_length": 256,
+                    "save_steps": 2, "lora": {"r": 8, "alpha": 16}},
+        "introspect": {"reflections_per_instruction": 1, "interactions": 2, "turns": 2, "batch_size": 4,
+                       "micro_batch_size": 2, "max_length": 512, "save_steps": 2, "lora": {"r": 8, "alpha": 16}},
+        "sdft": {"prompts": 8, "batch_size": 4, "micro_batch_size": 2, "max_length": 256, "save_steps": 2,
+                 "lora": {"r": 8, "alpha": 16}},
+        "profile": {"prompts": 8, "top_n_fallback": 4},
+        "merge": {"svd_rank": 8},
+        "eval": {"prompts": 12, "elo_pairs": 8, "coherence_pairs": 4},
+    },
+    # 100M-1B models on one GPU (or patiently on a CPU).
+    "small": {
+        "prompts": {"questions_per_trait": 20, "general_prompts": 300, "synthesized_prompts": 50},
+        "generation": {"teacher": {"batch_size": 256, "sampling": {"max_new_tokens": 256}},
+                       "student": {"batch_size": 256, "sampling": {"max_new_tokens": 256}},
+                       "prompt_writer": {"batch_size": 256}, "judge": {"batch_size": 256}},
+        "distill": {"samples_per_prompt": 2, "batch_size": 16, "micro_batch_size": 8, "max_length": 768},
+        "introspect": {"reflections_per_instruction": 50, "interactions": 100, "turns": 6, "batch_size": 16,
+                       "micro_batch_size": 4, "max_length": 2048},
+        "sdft": {"prompts": 200, "batch_size": 16, "micro_batch_size": 8},
+        "profile": {"prompts": 100},
+        "eval": {"prompts": 100, "elo_pairs": 150, "coherence_pairs": 50},
+    },
+    # The published data sizes (DESIGN.md section 1); the schema defaults already are these.
+    "paper": {"prompts": {"questions_per_trait": 50, "general_prompts": 600}},
+}
+
+DEFAULTS_SOURCE = "default"
+
+
+@dataclass
+class Layer:
+    """One layer of recipe values and where it came from."""
+
+    name: str
+    values: dict[str, Any]
+    file: str = "<command line>"
+    lines: LineMap = field(default_factory=dict)
+    prefix: tuple = ()
+
+
+@dataclass
+class ResolvedRecipe:
+    """The validated recipe and, per dotted leaf key, the layer that set it."""
+
+    recipe: Recipe
+    sources: dict[str, str]
+
+    def source_of(self, dotted: str) -> str:
+        """The layer that set `dotted`, or 'default'."""
+        return self.sources.get(dotted, DEFAULTS_SOURCE)
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _known_paths(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
+    paths = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            paths.extend(_known_paths(annotation, f"{prefix}{name}."))
+        else:
+            paths.append(f"{prefix}{name}")
+    return paths
+
+
+def parse_set_overrides(pairs: list[str]) -> Layer:
+    """Turn `a.b.c=value` strings into a nested dict layer; values are parsed as YAML scalars."""
+    values: dict[str, Any] = {}
+    problems = []
+    known = _known_paths()
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(Problem("--set", pair, "expected KEY=VALUE", "write e.g. --set distill.lora.r=32"))
+            continue
+        if key not in known and not any(k.startswith(key + ".") for k in known) and not key.startswith("merge.weights."):
+            guess = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            fix = f"did you mean '{guess[0]}'?" if guess else "see `character-baker recipe show` for the keys"
+            problems.append(Problem("--set", key, f"unknown recipe key '{key}'", fix))
+            continue
+        node = values
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    if problems:
+        raise UserError(problems)
+    return Layer(name="--set", values=values)
+
+
+def load_recipe_file(path: str | Path) -> Layer:
+    """Read a recipe YAML file as a layer."""
+    data, lines = load_yaml_with_lines(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError.single(str(path), "", "a recipe file must be a YAML mapping", "write keys like `distill: {beta: 0.1}`")
+    return Layer(name=f"--recipe {path}", values=data, file=str(path), lines=lines)
+
+
+def resolve_recipe(layers: list[Layer], preset: str | None = None) -> ResolvedRecipe:
+    """Merge layers over the defaults and a preset; validate; record each value's source."""
+    chosen = preset
+    for layer in layers:
+        chosen = layer.values.get("preset", chosen) if preset is None else preset
+    chosen = chosen or "default"
+    if chosen not in PRESETS:
+        guess = difflib.get_close_matches(str(chosen), list(PRESETS), n=1)
+        raise UserError.single("--preset", "preset", f"unknown preset '{chosen}'",
+                               f"did you mean '{guess[0]}'?" if guess else f"use one of {', '.join(PRESETS)}")
+    all_layers = [Layer(name=f"preset {chosen}", values=PRESETS[chosen])] + layers
+    merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for layer in all_layers:
+        merged = _deep_merge(merged, layer.values)
+        for dotted in _flatten(layer.values):
+            sources[dotted] = layer.name
+    merged["preset"] = chosen
+    if preset is not None:
+        sources["preset"] = "--preset"
+    try:
+        recipe = Recipe.model_validate(merged)
+    except ValidationError as exc:
+        raise UserError(_attribute(exc, all_layers)) from None
+    return ResolvedRecipe(recipe=recipe, sources=sources)
+
+
+def _attribute(exc: ValidationError, layers: list[Layer]) -> list[Problem]:
+    """Name the file and line of the layer that set each bad value."""
+    problems = []
+    for problem in problems_from_validation(exc, Recipe, "<recipe>"):
+        loc = tuple(int(p) if p.isdigit() else p for p in problem.field.replace("[", ".").replace("]", "").split("."))
+        owner = next((layer for layer in reversed(layers) if _has_prefix(layer.values, loc)), layers[-1])
+        line = line_for(owner.lines, owner.prefix + loc) if owner.lines else None
+        field_path = ".".join(str(p) for p in owner.prefix) + "." + problem.field if owner.prefix else problem.field
+        problems.append(Problem(owner.file, field_path, problem.message, problem.fix, line))
+    return problems
+
+
+def _has_prefix(values: Any, loc: tuple) -> bool:
+    node = values
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            return False
+    return True
