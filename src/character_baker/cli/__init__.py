@@ -8,7 +8,7 @@ import typer
 
 from character_baker import __version__
 from character_baker.cli.common import handle_errors
-from character_baker.cli import constitution_cmd, models_cmd, recipe_cmd, runs_cmd, env_cmd
+from character_baker.cli import constitution_cmd, env_cmd, models_cmd, recipe_cmd, runs_cmd, stage_cmds
 
 app = typer.Typer(
     name="character-baker",
@@ -37,6 +37,7 @@ app.add_typer(recipe_cmd.app, name="recipe")
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(runs_cmd.app, name="runs")
 app.command("env")(env_cmd.env)
+app.command("distill")(stage_cmds.distill)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import click
 import typer
 from rich.console import Console
 
@@ -29,7 +28,7 @@ def print_user_error(error: UserError) -> None:
     count = len(error.problems)
     err_console.print(f"[bold red]error[/]: {count} problem{'s' if count != 1 else ''} found", markup=True)
     for problem in error.problems:
-        err_console.print(f"  {problem.render()}", markup=False)
+        err_console.print(f"  {problem.render()}", markup=False, soft_wrap=True)
 
 
 def handle_errors(call: Callable[[], Any]) -> int:
@@ -40,14 +39,18 @@ def handle_errors(call: Callable[[], Any]) -> int:
     except UserError as error:
         print_user_error(error)
         return 2
-    except click.exceptions.Exit as done:
+    except typer.Exit as done:
         return done.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         err_console.print("aborted")
         return 130
-    except click.ClickException as error:
-        error.show()
-        return 2 if isinstance(error, click.UsageError) else error.exit_code
+    except typer.exceptions.TyperException as error:  # click's usage errors (Typer vendors click)
+        show = getattr(error, "show", None)
+        if show is not None:
+            show()
+        else:
+            err_console.print(f"error: {error}")
+        return int(getattr(error, "exit_code", 2) or 2)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130

@@ -17,6 +17,16 @@ from character_baker.core.yamlio import LineMap, load_yaml_with_lines
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
+def slugify(text: str) -> str:
+    """A slug for `text` ('Captain Morgan!' -> 'captain-morgan'); '' when nothing usable is left."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def display_name(slug: str) -> str:
+    """A readable persona name from a slug or file stem ('sea_dog-2' -> 'Sea Dog 2')."""
+    return " ".join(word.capitalize() for word in re.split(r"[-_\s]+", slug) if word)
+
+
 class Strict(BaseModel):
     """Base for every schema section: unknown keys are errors."""
 
@@ -41,7 +51,7 @@ class Meta(Strict):
     def _slug(cls, value: str) -> str:
         if not SLUG.match(value):
             raise ValueError(f"'{value}' is not a slug -- fix: use lower-case letters, digits, '-' or '_', "
-                             f"e.g. '{re.sub(r'[^a-z0-9]+', '-', value.lower()).strip('-') or 'my-character'}'")
+                             f"e.g. '{slugify(value) or 'my-character'}'")
         return value
 
 
@@ -56,15 +66,17 @@ class Voice(Strict):
 class Persona(Strict):
     """The name the assistant uses and who it is."""
 
-    name: str = Field(description="The name the character calls itself.")
-    identity: str = Field(description="Who the character is, in the second or third person; a paragraph or more.")
+    name: str = Field(min_length=1, description="The name the character calls itself.")
+    identity: str = Field(min_length=1,
+                          description="Who the character is, in the second or third person; a paragraph or more.")
     voice: Voice = Field(default_factory=Voice)
 
 
 class Trait(Strict):
     """A first-person assertion about the character, with questions that draw it out."""
 
-    trait: str = Field(description="First-person statement, e.g. 'I speak plainly and never waste words.'")
+    trait: str = Field(min_length=1,
+                       description="First-person statement, e.g. 'I speak plainly and never waste words.'")
     questions: list[str] = Field(default_factory=list, description="User questions that reveal the trait (5 advised).")
 
     @field_validator("questions")
@@ -86,8 +98,8 @@ class Directives(Strict):
 class Refusal(Strict):
     """An in-character refusal: the kind of request and how the character declines it."""
 
-    request: str = Field(description="The kind of request to refuse, e.g. 'instructions for weapons'.")
-    response: str = Field(description="How the character declines, in its own voice.")
+    request: str = Field(min_length=1, description="The kind of request to refuse, e.g. 'instructions for weapons'.")
+    response: str = Field(min_length=1, description="How the character declines, in its own voice.")
 
 
 class Safety(Strict):
@@ -100,8 +112,8 @@ class Safety(Strict):
 class Example(Strict):
     """A prompt and the character's ideal answer."""
 
-    prompt: str
-    response: str
+    prompt: str = Field(min_length=1, description="What the user says.")
+    response: str = Field(min_length=1, description="The character's ideal answer, in its voice.")
 
 
 class Constitution(Strict):

@@ -1,0 +1,71 @@
+"""Stage commands: each runs one stage (and what it needs) on a run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from character_baker.cli.common import (ModelOption, PresetOption, RecipeOption, SetOption, console,
+                                        resolve_settings)
+
+RunOption = typer.Option(None, "--run", help="Run directory (default: runs/<constitution name>).")
+ForceOption = typer.Option(False, "--force", help="Run stages even when their inputs are unchanged.")
+ConstitutionArg = typer.Argument(..., help="Constitution YAML file.", show_default=False)
+
+
+def build_context(constitution_path: Path, run: Optional[Path], preset: Optional[str], recipe: Optional[Path],
+                  sets: Optional[list[str]], model: Optional[str], **options: Any):
+    """Resolve settings and open (or create) the run directory; return a StageContext."""
+    from character_baker.core.runs import RunDir
+    from character_baker.core.stage import StageContext
+    from character_baker.pipeline.runner import default_run_dir
+
+    constitution, resolved = resolve_settings(constitution_path, preset, recipe, sets, model)
+    run_dir = RunDir.create(run or default_run_dir(constitution.meta.name))
+    return StageContext(run=run_dir, constitution=constitution, recipe=resolved.recipe,
+                        constitution_path=constitution_path, options=options, console=console)
+
+
+def run_stages(ctx, names: list[str], force: bool = False) -> list[dict]:
+    """Run the named stages in order; print each one's summary; return their manifest entries."""
+    from character_baker.pipeline.runner import run_stage
+    from character_baker.pipeline.stages import STAGES
+
+    entries = []
+    for name in names:
+        _, entry = run_stage(STAGES[name], ctx, force=force)
+        print_stage_summary(name, entry)
+        entries.append(entry)
+    return entries
+
+
+def print_stage_summary(name: str, entry: dict) -> None:
+    """A table of one stage's summary: counts per source/category, filter counts, time."""
+    from rich.table import Table
+
+    summary = entry.get("summary", {})
+    table = Table(title=f"{name}: {entry.get('status', '?')} in {entry.get('seconds', 0):.1f}s", show_header=True)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                table.add_row(f"{key}: {sub_key}", str(sub_value))
+        else:
+            table.add_row(key, str(value))
+    if entry.get("tokens_generated"):
+        table.add_row("tokens generated", str(entry["tokens_generated"]))
+    console.print(table)
+
+
+def distill(constitution: Path = ConstitutionArg, run: Optional[Path] = RunOption,
+            preset: Optional[str] = PresetOption, recipe: Optional[Path] = RecipeOption,
+            sets: Optional[list[str]] = SetOption, model: Optional[str] = ModelOption,
+            data_only: bool = typer.Option(False, "--data-only", help="Build data/distill.jsonl and stop before training."),
+            force: bool = ForceOption) -> None:
+    """Build chosen/rejected pairs (teacher with the constitution vs the student) for DPO."""
+    ctx = build_context(constitution, run, preset, recipe, sets, model)
+    run_stages(ctx, ["prompts", "distill_data"], force=force)
+    console.print(f"pairs: {ctx.run.path('data/distill.jsonl')}")

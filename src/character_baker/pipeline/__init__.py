@@ -1,0 +1,1 @@
+"""Pipeline layer: the stage chain, skip/resume logic, batch runs."""

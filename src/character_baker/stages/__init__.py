@@ -1,0 +1,1 @@
+"""Stages: data, training, profiling, merging, evaluation, serving. A stage never imports another's internals."""

@@ -1,0 +1,1 @@
+"""Data stages: prompt sources and distillation pairs."""
