@@ -117,11 +117,19 @@ class TrainingConfig(Section):
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="Share of steps of linear warm-up. Published: 0.1.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping. Published: 1.0.")
     epochs: float = Field(1.0, gt=0, description="Passes over the data. Published: 1.")
-    batch_size: int = Field(32, ge=1, description="Effective batch (sequences or pairs per optimiser step). Published: 32.")
+    batch_size: int = Field(32, ge=1, description="Effective batch (sequences or pairs per optimiser step) = micro_batch_size "
+                                                  "x accumulation steps x processes; an incomplete last batch is skipped. Published: 32.")
     micro_batch_size: int = Field(4, ge=1, description="Per-device batch; gradient accumulation makes up the rest.")
     max_length: int = Field(1024, ge=16, description="Longest tokenised example; longer ones are dropped.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    lr_scheduler: Literal["linear", "cosine"] = Field(
+        "linear", description="Decay after warm-up, to zero at the last step. TRL's default: linear.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the LoRA weights. TRL's default: 0.")
+    logprob_chunk_size: int = Field(
+        512, ge=1, description="Response tokens per lm_head chunk: the vocabulary-wide logits of only this many tokens "
+                               "exist at once (never [batch, seq, vocab]). Larger = a little faster, more memory.")
     save_steps: int = Field(50, ge=1, description="Write a checkpoint every N optimiser steps.")
+    save_total_limit: int = Field(2, ge=1, description="Keep only the newest N complete checkpoints.")
     seed: int = Field(0, description="Seed set before the adapter is created and for data order.")
     report_to: list[str] = Field(default_factory=list, description="'tensorboard' and/or 'wandb' when installed.")
 
@@ -136,6 +144,11 @@ class DistillConfig(TrainingConfig):
     kl_coef: float = Field(0.001, ge=0, description="Per-token KL to the reference on chosen tokens. Published: 0.001.")
     thinking_prefill: bool = Field(False, description="Reasoning teachers: prefill a thought that recalls the traits.")
     teacher_name: str | None = Field(None, description="The teacher's own name, replaced by the persona's name in its answers.")
+    filters: list[Literal["empty", "truncated", "over_token_budget", "duplicate", "assistant_phrase",
+                          "point_of_view", "benign_refusal"]] = Field(
+        default_factory=lambda: ["empty", "truncated", "over_token_budget", "duplicate", "assistant_phrase",
+                                 "point_of_view", "benign_refusal"],
+        description="Pair filters switched on; each drop is counted in the stage summary and manifest.")
     assistant_phrases: list[str] = Field(
         default_factory=lambda: ["as an ai language model", "as an ai assistant", "i'm an ai assistant",
                                  "i am an ai assistant", "i am a large language model", "i'm a large language model",

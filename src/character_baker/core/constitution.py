@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,9 @@ SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
 def slugify(text: str) -> str:
-    """A slug for `text` ('Captain Morgan!' -> 'captain-morgan'); '' when nothing usable is left."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    """A slug for `text` ('Captain Morgan!' -> 'captain-morgan', 'Élan' -> 'elan'); '' when nothing is left."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
 
 
 def display_name(slug: str) -> str:

@@ -33,7 +33,10 @@ def _entries(path: Path, text: str) -> list[tuple[Location, Any]]:
     """((label, line), raw entry) pairs: 'entry N' for a JSON list, 'line N' for JSON lines."""
     try:
         whole = json.loads(text)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as exc:
+        if text.lstrip().startswith("["):
+            raise UserError([Problem(str(path), "", f"not valid JSON: {exc.msg} (column {exc.colno})",
+                                     "fix the JSON list at that line", exc.lineno)]) from None
         whole = None
     if isinstance(whole, list):
         return [((f"entry {i}", None), item) for i, item in enumerate(whole, start=1)]

@@ -6,9 +6,10 @@ The overall score is the weighted mean of eight parts, each 0..1 and determinist
 |-----------------|--------|----------------------------------------------------------------------|
 | identity        | 0.15   | the identity paragraph has >= 100 words                              |
 | traits          | 0.10   | >= 10 traits (the Open Character Training constitutions have ~10)    |
-| questions       | 0.20   | every trait has >= 5 distinct questions (a question shared between   |
-|                 |        | traits counts once); the mean of min(1, n/5) over traits             |
-| first person    | 0.05   | every trait is a first-person statement ("I ...", "My ...")          |
+| questions       | 0.20   | every trait has >= 5 distinct questions; a question whose word set   |
+|                 |        | overlaps an earlier one's by >= 80% (Jaccard) counts once, across    |
+|                 |        | the whole file; the mean of min(1, n/5) over traits                  |
+| first person    | 0.05   | every trait is a first-person statement (it says "I")                |
 | directives      | 0.15   | personality, behavior and constraints each have >= 2 entries         |
 | safety          | 0.15   | >= 3 in-character refusals (70%) and >= 2 boundaries (30%)           |
 | examples        | 0.10   | >= 3 prompt/response examples                                        |
@@ -36,7 +37,8 @@ REFUSALS = 3
 BOUNDARIES = 2
 EXAMPLES = 3
 VOCABULARY = 5
-FIRST_PERSON = re.compile(r"^(I|I'm|I've|I'd|I'll|My|Me)\b")
+NEAR_DUPLICATE = 0.8  # word-set Jaccard similarity at which two questions count as one
+FIRST_PERSON = re.compile(r"\bI\b")  # "I", "I'm", "When I ...": the character speaks as itself
 
 
 @dataclass
@@ -89,14 +91,27 @@ def _traits(c: Constitution) -> PartScore:
     return PartScore("traits", _ratio(count, TRAITS), 0.10, f"{count} traits", advice)
 
 
+def _words(text: str) -> frozenset[str]:
+    return frozenset(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def _near_duplicate(words: frozenset[str], seen: list[frozenset[str]]) -> bool:
+    """True when `words` overlaps an earlier question's words by NEAR_DUPLICATE (Jaccard) or more."""
+    return any(len(words & other) >= NEAR_DUPLICATE * len(words | other) for other in seen)
+
+
 def _distinct_questions(c: Constitution) -> list[int]:
-    """Per trait, how many of its questions are new (case/space-insensitive) across the whole file."""
-    seen: set[str] = set()
+    """Per trait, how many of its questions are not near-duplicates of an earlier question in the file."""
+    seen: list[frozenset[str]] = []
     counts = []
     for trait in c.traits:
-        fresh = {" ".join(q.lower().split()) for q in trait.questions} - seen
-        seen |= fresh
-        counts.append(len(fresh))
+        fresh = 0
+        for question in trait.questions:
+            words = _words(question)
+            if not _near_duplicate(words, seen):
+                fresh += 1
+            seen.append(words)
+        counts.append(fresh)
     return counts
 
 
@@ -109,8 +124,8 @@ def _questions(c: Constitution) -> PartScore:
 
 
 def _first_person(c: Constitution) -> PartScore:
-    others = [i for i, t in enumerate(c.traits, start=1) if not FIRST_PERSON.match(t.trait)]
-    advice = [f"trait {i} is not first-person; rewrite it as 'I ...'" for i in others]
+    others = [i for i, t in enumerate(c.traits, start=1) if not FIRST_PERSON.search(t.trait)]
+    advice = [f"trait {i} is not in the first person; rewrite it as 'I ...'" for i in others]
     first = len(c.traits) - len(others)
     return PartScore("first person", first / len(c.traits), 0.05, f"{first}/{len(c.traits)} traits", advice)
 

@@ -89,16 +89,30 @@ def is_refusal(text: str) -> bool:
     return bool(REFUSAL_PATTERNS.search(text[:400]))
 
 
+TITLES = {"captain", "doctor", "dr", "mr", "mrs", "ms", "sir", "lady", "lord", "professor", "the", "madam", "king",
+          "queen", "master", "mistress", "old", "young", "big", "little"}
+
+
+def name_variants(persona_name: str) -> set[str]:
+    """The full name and every contiguous part of it, except lone titles and very short words."""
+    parts = persona_name.replace('"', " ").split()
+    variants = set()
+    for start in range(len(parts)):
+        for end in range(start + 1, len(parts) + 1):
+            span = " ".join(parts[start:end])
+            if end - start == 1 and (span.lower() in TITLES or len(span) <= 2):
+                continue
+            variants.add(span)
+    return variants
+
+
 def pov_confusion(text: str, persona_name: str) -> str | None:
     """Why a text speaks *to* or *about* the persona instead of *as* it, or None when it is fine.
 
     Flags: opening by addressing the persona by name ("Captain Mara, ..."), addressing it as
     "you, <name>", and speaking of it in the third person ("<name> is", "<name>'s ship").
     """
-    names = {persona_name.strip()}
-    first = persona_name.split()[0] if persona_name.split() else ""
-    last = persona_name.split()[-1] if persona_name.split() else ""
-    names |= {n for n in (first, last) if len(n) > 2}
+    names = name_variants(persona_name)
     stripped = text.strip()
     for name in sorted(names, key=len, reverse=True):
         escaped = re.escape(name)

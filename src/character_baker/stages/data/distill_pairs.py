@@ -8,7 +8,7 @@ and never duplicates a record. The teacher's system prompt never appears in stor
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from character_baker.core.config import BackendConfig, DistillConfig
@@ -32,25 +32,34 @@ class PairFilter:
     count_tokens: Any  # callable(messages) -> int
 
     def reason_to_drop(self, prompt: dict, chosen: Any, rejected: Any, seen_chosen: set[str]) -> str | None:
-        """The filter that rejects this pair, or None to keep it."""
-        if not chosen.text.strip() or not rejected.text.strip():
-            return "empty"
-        if is_truncated(chosen.text, chosen.finish_reason):
-            return "truncated"
-        messages = [{"role": "user", "content": prompt["prompt"]}]
-        longest = max(len(chosen.text), len(rejected.text))
-        answer = chosen.text if len(chosen.text) == longest else rejected.text
-        if self.count_tokens(messages + [{"role": "assistant", "content": answer}]) > self.cfg.max_length:
-            return "over_token_budget"
-        if chosen.text.strip() in seen_chosen:
-            return "duplicate"
-        if contains_phrase(chosen.text, self.cfg.assistant_phrases):
-            return "assistant_phrase"
-        if pov_confusion(chosen.text, self.persona_name):
-            return "point_of_view"
-        if prompt.get("category") != "harmful" and is_refusal(chosen.text):
-            return "benign_refusal"
+        """The first enabled filter that rejects this pair, or None to keep it."""
+        for name in self.cfg.filters:
+            if getattr(self, f"_{name}")(prompt, chosen, rejected, seen_chosen):
+                return name
         return None
+
+    def _empty(self, prompt: dict, chosen: Any, rejected: Any, seen: set[str]) -> bool:
+        return not chosen.text.strip() or not rejected.text.strip()
+
+    def _truncated(self, prompt: dict, chosen: Any, rejected: Any, seen: set[str]) -> bool:
+        return is_truncated(chosen.text, chosen.finish_reason)
+
+    def _over_token_budget(self, prompt: dict, chosen: Any, rejected: Any, seen: set[str]) -> bool:
+        messages = [{"role": "user", "content": prompt["prompt"]}]
+        return any(self.count_tokens(messages + [{"role": "assistant", "content": answer.text}]) > self.cfg.max_length
+                   for answer in (chosen, rejected))
+
+    def _duplicate(self, prompt: dict, chosen: Any, rejected: Any, seen: set[str]) -> bool:
+        return chosen.text.strip() in seen
+
+    def _assistant_phrase(self, prompt: dict, chosen: Any, rejected: Any, seen: set[str]) -> bool:
+        return contains_phrase(chosen.text, self.cfg.assistant_phrases) is not None
+
+    def _point_of_view(self, prompt: dict, chosen: Any, rejected: Any, seen: set[str]) -> bool:
+        return pov_confusion(chosen.text, self.persona_name) is not None
+
+    def _benign_refusal(self, prompt: dict, chosen: Any, rejected: Any, seen: set[str]) -> bool:
+        return prompt.get("category") != "harmful" and is_refusal(chosen.text)
 
 
 def teacher_conversation(ctx: StageContext, prompt_text: str, with_constitution: bool = True) -> list[dict]:
@@ -66,12 +75,9 @@ def teacher_conversation(ctx: StageContext, prompt_text: str, with_constitution:
 
 def strip_thought(completion: Any) -> Any:
     """Keep only the answer after a prefilled thought; an unfinished thought counts as truncated."""
-    text = completion.text
-    if THINK_CLOSE in text:
-        completion.text = text.split(THINK_CLOSE, 1)[1].strip()
-    else:
-        completion.text, completion.finish_reason = "", "length"
-    return completion
+    if THINK_CLOSE in completion.text:
+        return replace(completion, text=completion.text.split(THINK_CLOSE, 1)[1].strip())
+    return replace(completion, text="", finish_reason="length")
 
 
 def _role_id(role: BackendConfig, base: str) -> dict[str, Any]:
@@ -136,7 +142,7 @@ def _store_prompt_pairs(ctx: StageContext, prompt: dict, chosen_row: list, rejec
     persona = ctx.constitution.persona.name
     drops: Counter = Counter()
     for sample, (chosen, rejected) in enumerate(zip(chosen_row, rejected_row)):
-        chosen.text = _replace_teacher_name(chosen.text, cfg.teacher_name, persona).strip()
+        chosen = replace(chosen, text=_replace_teacher_name(chosen.text, cfg.teacher_name, persona).strip())
         record_id = pair_record_id(prompt, sample, ctx)
         if record_id in kept or record_id in dropped:
             continue

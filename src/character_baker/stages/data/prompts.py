@@ -103,10 +103,11 @@ def general_prompts(cfg: PromptsConfig, rng: random.Random, deduper: OverlapDedu
     chosen: list[dict] = []
     while len(chosen) < cfg.general_prompts and any(by_category.values()):
         for category in sorted(by_category):
-            if by_category[category] and len(chosen) < cfg.general_prompts:
+            while by_category[category] and len(chosen) < cfg.general_prompts:
                 item = by_category[category].pop()
-                if deduper.add(item["prompt"]):
+                if deduper.add(item["prompt"]):  # one kept prompt per category per round
                     chosen.append(_record(item["prompt"], "general", category, asset_id=item["id"]))
+                    break
     return chosen
 
 

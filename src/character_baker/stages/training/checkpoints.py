@@ -1,0 +1,115 @@
+"""Training checkpoints and the final adapter, written so that a kill never leaves a half-state.
+
+    adapters/<stage>/checkpoint-N/      one per `save_steps` optimiser steps and one at the end
+        adapter_config.json             a standard PEFT adapter (loadable on its own)
+        adapter_model.safetensors
+        trainer_state.pt                LoRA weights by module path, optimizer, scheduler, RNG
+                                        states of every process, step, data position
+        checkpoint.json                 completion marker: step, data position, fingerprint
+    adapters/<stage>/adapter_config.json + adapter_model.safetensors   the final adapter
+
+A checkpoint is written into `checkpoint-N.tmp/` and renamed when complete; a folder without
+the marker (or with another run's fingerprint) is ignored on resume. State dicts go through
+`torch.distributed.checkpoint.state_dict` with full (gathered) tensors and frozen weights left
+out, so the same code saves and loads single-process, DDP and FSDP runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from character_baker.core.runs import atomic_write_json
+
+MARKER = "checkpoint.json"
+STATE_FILE = "trainer_state.pt"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+
+
+def complete_checkpoints(stage_dir: Path, fingerprint: str) -> list[tuple[int, Path]]:
+    """(step, folder) of every finished checkpoint of this run, oldest first."""
+    found = []
+    for folder in stage_dir.glob("checkpoint-*"):
+        match = _NAME.match(folder.name)
+        marker = folder / MARKER
+        if match and marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+            found.append((int(match.group(1)), folder))
+    return sorted(found)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random generators (python, torch CPU, and CUDA when present)."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore generators saved by `rng_state`."""
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(scorer: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Full (gathered, CPU) state dicts of the trainable weights and the optimizer; collective under FSDP."""
+    return get_state_dict(scorer, optimizer, options=_FULL)
+
+
+def save_adapter(peft_model: Any, model_state: dict[str, torch.Tensor], folder: Path, prefix: str = "model.") -> None:
+    """Write a standard PEFT adapter folder from a trainable-state dict keyed relative to the scorer."""
+    state = {key[len(prefix):]: value for key, value in model_state.items() if key.startswith(prefix)}
+    peft_model.save_pretrained(str(folder), state_dict=state)
+
+
+def save_checkpoint(stage_dir: Path, step: int, *, peft_model: Any, model_state: dict, optimizer_state: dict,
+                    scheduler: Any, rng_states: list, marker: dict, keep: int) -> Path:
+    """Write checkpoint-`step` atomically (main process only) and delete all but the newest `keep`."""
+    final = stage_dir / f"checkpoint-{step}"
+    temporary = stage_dir / f"checkpoint-{step}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    save_adapter(peft_model, model_state, temporary)
+    torch.save({"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                "rng": rng_states, "step": step}, temporary / STATE_FILE)
+    atomic_write_json(temporary / MARKER, {**marker, "step": step})
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(temporary, final)
+    for _, old in complete_checkpoints(stage_dir, marker["fingerprint"])[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(folder: Path, *, scorer: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    rank: int, world_size: int) -> int:
+    """Restore weights, optimizer, scheduler and (same world size only) RNG; return the step."""
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+    set_model_state_dict(scorer, state["model"], options=StateDictOptions(full_state_dict=True, strict=False))
+    set_optimizer_state_dict(scorer, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    scheduler.load_state_dict(state["scheduler"])
+    if len(state["rng"]) == world_size:
+        set_rng_state(state["rng"][rank])
+    return int(state["step"])
+
+
+def publish_adapter(stage_dir: Path, peft_model: Any, model_state: dict) -> None:
+    """Write the final adapter files into `stage_dir`, each by an atomic rename."""
+    with tempfile.TemporaryDirectory(prefix=".adapter.", dir=stage_dir) as scratch:
+        save_adapter(peft_model, model_state, Path(scratch))
+        for name in ADAPTER_FILES:
+            os.replace(Path(scratch) / name, stage_dir / name)

@@ -1,0 +1,227 @@
+"""DPO with LoRA: the distill stage's objective and its cached reference log-probs.
+
+    loss = DPO + nll_coef * NLL(chosen) + kl_coef * KL_k3(chosen)      (terms: see `losses`)
+
+The reference is the base model with the adapter disabled (never a second copy). Its per-token
+log-probs of every chosen and rejected response are computed once, before training, under
+no_grad, and cached in `adapters/<stage>/reference_logps.safetensors`, keyed by record id and a
+hash of the tokens, with the base model's fingerprint in the file's metadata: a rerun (or a
+resume) reuses every entry that still matches and computes only what is missing.
+
+Chosen and rejected run in one forward (rows [chosen..., rejected...] of one padded batch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from character_baker.core.config import DistillConfig
+from character_baker.core.runs import RunDir, stable_hash
+from character_baker.stages.training.batching import Batch, collate_sequences
+from character_baker.stages.training.losses import (ResponseScorer, dpo_loss, k3_kl, row_sums,
+                                                    tokens_per_row)
+from character_baker.stages.training.tokenize import TokenizedPair, tokenize_preferences
+from character_baker.stages.training.trainer import ExtraLoss, run_training, sum_counts
+
+REFERENCE_FILE = "reference_logps.safetensors"
+
+
+def pair_key(pair: TokenizedPair) -> str:
+    """Cache key of a pair: its id and a hash of both tokenised sequences and masks."""
+    digest = hashlib.sha256()
+    for sequence in (pair.chosen, pair.rejected):
+        digest.update(array("q", sequence.input_ids).tobytes() + b"|" + array("b", sequence.loss_mask).tobytes() + b"|")
+    return f"{pair.id}:{digest.hexdigest()[:16]}"
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Identifies the reference weights: model name/path, architecture config and dtype."""
+    config = getattr(model, "config", None)
+    described = config.to_dict() if config is not None else {}
+    return stable_hash([getattr(config, "_name_or_path", ""), described, str(next(model.parameters()).dtype)])
+
+
+def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int) -> Batch:
+    """One padded batch: rows [chosen_1..chosen_n, rejected_1..rejected_n]."""
+    batch = collate_sequences([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_token_id)
+    batch.ids = [pair.id for pair in pairs]
+    return batch
+
+
+def _unwrap(model: nn.Module) -> ResponseScorer:
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model)
+
+
+@torch.no_grad()
+def score_pairs(model: nn.Module, pairs: Sequence[TokenizedPair], pad_token_id: int, batch_size: int,
+                adapter: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{pair_key: (chosen token log-probs, rejected token log-probs)} on the CPU, in eval mode."""
+    scorer, was_training = _unwrap(model), model.training
+    model.eval()
+    scores = {}
+    try:
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            batch = collate_pairs(chunk, pad_token_id).to(next(model.parameters()).device)
+            if adapter:
+                token_logps, _ = model(batch.input_ids, batch.attention_mask, batch.loss_mask)
+            else:
+                with scorer.adapter_disabled():
+                    token_logps, _ = model(batch.input_ids, batch.attention_mask, batch.loss_mask)
+            rows = token_logps.float().cpu().split(tokens_per_row(batch.loss_mask).tolist())
+            for index, pair in enumerate(chunk):
+                scores[pair_key(pair)] = (rows[index].clone(), rows[index + len(chunk)].clone())
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def _read_cache(path: Path, fingerprint: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return {}
+    with safe_open(str(path), framework="pt") as handle:
+        if (handle.metadata() or {}).get("fingerprint") != fingerprint:
+            return {}
+        keys = {name.rsplit("/", 1)[0] for name in handle.keys()}
+        return {key: (handle.get_tensor(f"{key}/chosen"), handle.get_tensor(f"{key}/rejected")) for key in keys}
+
+
+def _write_cache(path: Path, fingerprint: str, cache: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for key, (chosen, rejected) in cache.items():
+        tensors[f"{key}/chosen"], tensors[f"{key}/rejected"] = chosen.contiguous(), rejected.contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(temporary), metadata={"fingerprint": fingerprint})
+    os.replace(temporary, path)
+
+
+def reference_logps(model: nn.Module, pairs: Sequence[TokenizedPair], path: Path, pad_token_id: int,
+                    batch_size: int) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
+    """Cached reference (adapter off) token log-probs of every pair, computing only missing ones; (cache, computed)."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    state = PartialState()
+    fingerprint = model_fingerprint(_unwrap(model).model)
+    cache = _read_cache(path, fingerprint)
+    missing = sorted({pair_key(p): p for p in pairs if pair_key(p) not in cache}.values(), key=len)
+    if not missing:
+        return cache, 0
+    # Every process scores the same number of batches (FSDP/DDP forwards are collective).
+    batches = [missing[i:i + batch_size] for i in range(0, len(missing), batch_size)]
+    rounds = -(-len(batches) // state.num_processes)
+    mine = batches[state.process_index::state.num_processes]
+    mine += [batches[0]] * (rounds - len(mine))
+    scores = {}
+    for batch in mine:
+        scores.update(score_pairs(model, batch, pad_token_id, len(batch), adapter=False))
+    if state.num_processes > 1:
+        scores = dict(item for part in gather_object([scores]) for item in part.items())
+    cache.update(scores)
+    if state.is_main_process:
+        _write_cache(path, fingerprint, cache)
+    state.wait_for_everyone()
+    return cache, len(missing)
+
+
+@dataclass
+class DpoObjective:
+    """Sigmoid DPO + NLL on chosen + k3 per-token KL on chosen, against cached reference log-probs."""
+
+    beta: float
+    nll_coef: float
+    kl_coef: float
+    stage: str = "distill"
+    reference_batch_size: int = 4
+    name: str = "dpo"
+    _reference: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def counts(self, pair: TokenizedPair) -> dict[str, float]:
+        """A pair counts once, and its chosen response tokens count toward the per-token means."""
+        return {"pairs": 1.0, "chosen_tokens": float(pair.chosen.num_loss_tokens)}
+
+    def prepare(self, model: nn.Module, dataset: Sequence[TokenizedPair], run_dir: RunDir) -> dict[str, Any]:
+        """Load or compute the reference log-probs of every pair (adapter disabled, no grad)."""
+        path = run_dir.path("adapters", self.stage, REFERENCE_FILE)
+        started = time.perf_counter()
+        # Padding sits right of every real token and is masked, so its id cannot change a log-prob.
+        self._reference, computed = reference_logps(model, dataset, path, 0, self.reference_batch_size)
+        return {"reference_file": str(path), "reference_computed": computed, "reference_reused": len(dataset) - computed,
+                "reference_seconds": time.perf_counter() - started}
+
+    def collate(self, pairs: Sequence[TokenizedPair], pad_token_id: int) -> Batch:
+        """Chosen and rejected rows in one batch, with the reference log-probs aligned to its trained tokens."""
+        batch = collate_pairs(pairs, pad_token_id)
+        references = [self._reference[pair_key(pair)] for pair in pairs]
+        batch.extras["ref_logps"] = torch.cat([c for c, _ in references] + [r for _, r in references])
+        batch.counts = sum_counts([self.counts(pair) for pair in pairs])
+        return batch
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This micro-batch's contribution to the global-batch loss, and its metrics."""
+        token_logps, _ = model(batch.input_ids, batch.attention_mask, batch.loss_mask)
+        reference = batch.extras["ref_logps"]
+        counts = tokens_per_row(batch.loss_mask)
+        pairs = len(counts) // 2
+        policy, ref = row_sums(token_logps, counts), row_sums(reference, counts)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(policy[:pairs], policy[pairs:], ref[:pairs], ref[pairs:],
+                                                            self.beta)
+        chosen_tokens = int(counts[:pairs].sum())
+        total_pairs = batch.totals.get("pairs", batch.counts["pairs"])
+        total_tokens = batch.totals.get("chosen_tokens", batch.counts["chosen_tokens"])
+        dpo = losses.sum() / total_pairs
+        nll = -token_logps[:chosen_tokens].sum() / total_tokens
+        kl = k3_kl(token_logps[:chosen_tokens], reference[:chosen_tokens]).sum() / total_tokens
+        loss = dpo + self.nll_coef * nll + self.kl_coef * kl
+        metrics = {"dpo_loss": dpo, "nll_loss": nll, "kl": kl,
+                   "reward_accuracy": (chosen_rewards > rejected_rewards).float().sum() / total_pairs,
+                   "reward_margin": (chosen_rewards - rejected_rewards).sum() / total_pairs,
+                   "chosen_reward": chosen_rewards.sum() / total_pairs,
+                   "rejected_reward": rejected_rewards.sum() / total_pairs,
+                   "chosen_logps": policy[:pairs].sum() / total_pairs,
+                   "rejected_logps": policy[pairs:].sum() / total_pairs}
+        return loss, metrics
+
+
+def evaluate_pairs(model: nn.Module, tokenizer: Any, records: Sequence[dict], beta: float,
+                   batch_size: int = 8) -> dict[str, float]:
+    """Reward accuracy and margin of a PEFT model (adapter on vs off) on held-out distill records."""
+    pairs, _ = tokenize_preferences(tokenizer, records, max_length=10**9)
+    scorer = ResponseScorer(model)
+    pad = tokenizer.pad_token_id or 0
+    policy = score_pairs(scorer, pairs, pad, batch_size, adapter=True)
+    reference = score_pairs(scorer, pairs, pad, batch_size, adapter=False)
+    margins = []
+    for pair in pairs:
+        (pc, pr), (rc, rr) = policy[pair_key(pair)], reference[pair_key(pair)]
+        margins.append(beta * ((pc.sum() - rc.sum()) - (pr.sum() - rr.sum())).item())
+    return {"reward_accuracy": sum(m > 0 for m in margins) / len(margins), "reward_margin": sum(margins) / len(margins)}
+
+
+def train_dpo(run_dir: RunDir, records: list[dict], model: nn.Module, tokenizer: Any, cfg: DistillConfig, *,
+              stage: str = "distill", console: Any = None, extra_losses: Sequence[ExtraLoss] = (),
+              callbacks: Sequence[Any] = (), base_model: str | None = None) -> dict[str, Any]:
+    """Train a LoRA adapter on distill records {id, messages, chosen, rejected} with DPO; return the summary."""
+    pairs, dropped = tokenize_preferences(tokenizer, records, cfg.max_length)
+    objective = DpoObjective(beta=cfg.beta, nll_coef=cfg.nll_coef, kl_coef=cfg.kl_coef, stage=stage,
+                             reference_batch_size=cfg.micro_batch_size)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    summary = run_training(run_dir, pairs, model, cfg, objective, stage=stage, pad_token_id=pad,
+                           extra_losses=extra_losses, callbacks=callbacks, console=console, base_model=base_model)
+    return {**summary, "pairs": len(pairs), "dropped_too_long": dropped}

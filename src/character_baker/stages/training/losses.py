@@ -1,0 +1,150 @@
+"""Token log-probs and loss terms, computed without ever materialising [batch, seq, vocab].
+
+The model's backbone runs once; only the hidden states of positions whose *next* token is
+trained on are kept ([tokens, hidden]); `lm_head` is applied to them `chunk_size` tokens at a
+time under activation checkpointing, so at most one chunk's vocabulary-wide logits exist, in
+forward and in backward (the chunk's logits are recomputed in backward, which costs one extra
+lm_head matmul per trained token and saves `tokens x vocab x 4` bytes).
+
+Loss terms (per-token values are float32):
+
+- DPO (Rafailov et al. 2023): `-logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))` where
+  `pi_*`/`ref_*` are the policy/reference log-probs summed over each response's tokens.
+- NLL on chosen: mean over chosen response tokens of `-log pi(token)`.
+- Per-token KL to the reference on chosen tokens, **k3 estimator** (Schulman 2020,
+  "Approximating KL divergence"): with `log_ratio = ref - pi` per token,
+  `k3 = exp(log_ratio) - log_ratio - 1`, averaged over chosen response tokens. It is >= 0,
+  zero exactly when the two log-probs agree, and needs only the reference log-prob of the
+  token itself (cached once before training), not the reference's whole distribution. Its
+  gradient is `(1 - pi/ref)` per token times d(log pi). Caveat: the chosen tokens were written by
+  the teacher, not sampled from the policy, so this is a sampled *regulariser* that keeps the
+  policy's chosen-token probabilities near the reference's; it is an unbiased estimate of
+  KL(policy || reference) only on tokens sampled from the policy.
+- `chunked_token_kl` gives the exact full-vocabulary KL(p || q) per token, also in chunks, for
+  objectives whose reference runs online (SDFT: the adapter-off teacher's hidden states).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def _needs_grad(lm_head: nn.Module, *tensors: torch.Tensor) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(t.requires_grad for t in tensors) or any(p.requires_grad for p in lm_head.parameters())
+
+
+def _chunked(fn: Callable[..., torch.Tensor], lm_head: nn.Module, chunk_size: int,
+             *tensors: torch.Tensor) -> torch.Tensor:
+    """Apply `fn(lm_head, *chunks)` over row chunks of `tensors`, checkpointed when gradients flow."""
+    rows = tensors[0].shape[0]
+    if rows == 0:
+        return tensors[0].new_zeros(0, dtype=torch.float32)
+    grad = _needs_grad(lm_head, *tensors)
+    pieces = []
+    for start in range(0, rows, chunk_size):
+        chunk = [t[start:start + chunk_size] for t in tensors]
+        if grad:
+            pieces.append(checkpoint(fn, lm_head, *chunk, use_reentrant=False))
+        else:
+            pieces.append(fn(lm_head, *chunk))
+    return torch.cat(pieces)
+
+
+def _logprob_chunk(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = lm_head(hidden).float()
+    return logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def chunked_token_logprobs(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor,
+                           chunk_size: int = 512) -> torch.Tensor:
+    """log p(label) per row of `hidden` [tokens, hidden_size], float32 [tokens], lm_head applied in chunks."""
+    return _chunked(_logprob_chunk, lm_head, chunk_size, hidden, labels)
+
+
+def _kl_chunk(lm_head: nn.Module, hidden: torch.Tensor, ref_hidden: torch.Tensor, temperature: float) -> torch.Tensor:
+    log_p = F.log_softmax(lm_head(hidden).float() / temperature, dim=-1)
+    log_q = F.log_softmax(lm_head(ref_hidden).float() / temperature, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def chunked_token_kl(hidden: torch.Tensor, ref_hidden: torch.Tensor, lm_head: nn.Module,
+                     chunk_size: int = 512, temperature: float = 1.0) -> torch.Tensor:
+    """Exact KL(policy || reference) over the vocabulary per token, float32 [tokens], in chunks.
+
+    `ref_hidden` is detached: the reference is a fixed target.
+    """
+    fn = lambda head, h, r: _kl_chunk(head, h, r, temperature)  # noqa: E731 (binds the temperature)
+    return _chunked(fn, lm_head, chunk_size, hidden, ref_hidden.detach())
+
+
+def row_sums(token_values: torch.Tensor, tokens_per_row: torch.Tensor) -> torch.Tensor:
+    """Sum a flat per-token tensor back into rows, given how many tokens each row has."""
+    rows = torch.repeat_interleave(torch.arange(len(tokens_per_row), device=token_values.device), tokens_per_row)
+    return token_values.new_zeros(len(tokens_per_row)).index_add(0, rows, token_values)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair sigmoid DPO loss and the implicit rewards beta*(pi - ref) of chosen and rejected."""
+    chosen_rewards = beta * (policy_chosen - ref_chosen)
+    rejected_rewards = beta * (policy_rejected - ref_rejected)
+    return -F.logsigmoid(chosen_rewards - rejected_rewards), chosen_rewards, rejected_rewards
+
+
+def k3_kl(policy_logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(policy || reference): exp(ref - pi) - (ref - pi) - 1 (>= 0)."""
+    log_ratio = ref_logps - policy_logps
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+class ResponseScorer(nn.Module):
+    """A causal LM (usually a PeftModel) that returns log-probs of the trained tokens only.
+
+    `forward(input_ids, attention_mask, loss_mask)` runs the backbone once, keeps the hidden
+    states at positions whose next token has loss_mask 1, and returns `(token_logps, hidden)`:
+    float32 [tokens] in row-major order, and the [tokens, hidden_size] states (for objectives
+    that need the distribution, e.g. a full-vocabulary KL). This module is what accelerate
+    wraps (DDP/FSDP), so every forward goes through the wrapper.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = 512):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def _base(self) -> nn.Module:
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    @property
+    def lm_head(self) -> nn.Module:
+        """The output projection (hidden -> vocabulary logits)."""
+        return self._base().get_output_embeddings()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        padded = bool((attention_mask == 0).any())
+        outputs = self._base().get_decoder()(input_ids=input_ids, attention_mask=attention_mask if padded else None,
+                                             use_cache=False)
+        trained = loss_mask[:, 1:].bool()
+        hidden = outputs.last_hidden_state[:, :-1][trained]
+        labels = input_ids[:, 1:][trained]
+        return chunked_token_logprobs(hidden, self.lm_head, labels, self.chunk_size), hidden
+
+    @contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """Run the base weights: the reference/teacher, never a second copy of the model."""
+        with self.model.disable_adapter():
+            yield
+
+
+def tokens_per_row(loss_mask: torch.Tensor) -> torch.Tensor:
+    """How many trained tokens each row contributes to the flat outputs of `ResponseScorer`."""
+    return loss_mask[:, 1:].sum(1)

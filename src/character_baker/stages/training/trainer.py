@@ -1,0 +1,360 @@
+"""The LoRA training loop every training stage shares: config -> setup -> train -> cleanup.
+
+    trainer = LoraTrainer(cfg, objective, run_dir, stage="distill")
+    trainer.setup(model, examples, pad_token_id)
+    summary = trainer.train()
+    trainer.cleanup()
+
+What a stage supplies is an `Objective` (what the loss is, e.g. DPO or SFT) and, optionally,
+`ExtraLoss` terms (e.g. the push/pull activation regulariser); the loop, data order,
+distribution, checkpoints and logs are the same for all of them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import defaultdict
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from character_baker.core.config import TrainingConfig
+from character_baker.core.errors import Problem, UserError
+from character_baker.core.runs import RunDir, stable_hash
+from character_baker.stages.training import checkpoints
+from character_baker.stages.training.batching import Batch, epoch_batches, micro_batches, steps_per_epoch
+from character_baker.stages.training.losses import ResponseScorer
+from character_baker.stages.training.reporting import StepReporter, peak_memory_gb, report_to_problems
+
+
+class Objective(Protocol):
+    """What a training stage optimises. Losses are contributions to the global-batch mean.
+
+    - `counts(example)`: the example's share of each normaliser, e.g. {"pairs": 1, "chosen_tokens": 37}.
+    - `prepare(model, dataset, run_dir)`: once, before training (e.g. cache reference log-probs);
+      returns a summary dict. `model` is the prepared `ResponseScorer`.
+    - `collate(examples, pad_token_id)`: a `Batch` (with `counts` filled in).
+    - `loss(model, batch)`: (loss, metrics). Divide sums by `batch.totals[...]` (the counts summed
+      over the whole optimiser batch on all processes), so micro-batches and processes add up
+      to the exact global mean; metrics follow the same rule (e.g. accuracy = correct / pairs).
+    """
+
+    name: str
+
+    def counts(self, example: Any) -> dict[str, float]: ...
+
+    def prepare(self, model: nn.Module, dataset: Sequence[Any], run_dir: RunDir) -> dict[str, Any]: ...
+
+    def collate(self, examples: Sequence[Any], pad_token_id: int) -> Batch: ...
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+class ExtraLoss(Protocol):
+    """A term added to the objective's loss (e.g. an activation regulariser), with its own metric name.
+
+    `attach(peft_model)` runs once after setup (e.g. to register forward hooks that capture
+    activations with their graph); `loss(batch)` runs after each objective loss on the same
+    forward and returns (weighted term, extra metrics), following the `Objective.loss` rule.
+    The term is logged as `<name>_loss`.
+    """
+
+    name: str
+
+    def attach(self, model: nn.Module) -> None: ...
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+def sum_counts(counts: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Key-wise sum of count dicts."""
+    total: dict[str, float] = defaultdict(float)
+    for entry in counts:
+        for key, value in entry.items():
+            total[key] += value
+    return dict(total)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
+    """Learning-rate multiplier of optimiser step `step` (0-based): linear warm-up, then linear/cosine to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def config_problems(cfg: TrainingConfig, section: str, num_examples: int, world_size: int) -> list[Problem]:
+    """Every impossible setting of a training section, each with its fix."""
+    problems = report_to_problems(cfg.report_to, f"{section}.report_to")
+    per_step = cfg.micro_batch_size * world_size
+    if cfg.batch_size % per_step:
+        problems.append(Problem("recipe", f"{section}.batch_size",
+                                f"{cfg.batch_size} is not a multiple of micro_batch_size ({cfg.micro_batch_size}) "
+                                f"x processes ({world_size}) = {per_step}",
+                                f"set batch_size to a multiple of {per_step}, or change micro_batch_size/--nproc"))
+    if int(steps_per_epoch(num_examples, cfg.batch_size) * cfg.epochs) < 1:
+        problems.append(Problem("recipe", f"{section}.batch_size",
+                                f"{num_examples} usable examples make no full batch of {cfg.batch_size} "
+                                f"over {cfg.epochs} epoch(s)", "lower batch_size or provide more data"))
+    return problems
+
+
+def _training_device(model: nn.Module, world_size: int) -> bool:
+    """True to train on the CPU: the model lives there and this is one process, or there is no GPU."""
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    return not torch.cuda.is_available() or (on_cpu and world_size == 1)
+
+
+def _mixed_precision(model: nn.Module) -> str:
+    """Autocast for half-precision weights (LoRA weights and optimizer state stay float32)."""
+    dtype = next(model.parameters()).dtype
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+
+
+def _disable_peft_input_casting(model: nn.Module) -> None:
+    # peft <= 0.21 casts each LoRA layer's input to the adapter's float32 before autocast casts
+    # it back to bf16: a wasted full-size copy per adapted layer. Autocast already matches dtypes.
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
+
+
+class LoraTrainer:
+    """LoRA training on a frozen base model with a pluggable objective.
+
+    Features, the flag that controls each, and its cost:
+
+    - LoRA adapters (`lora.r`, `lora.alpha`, `lora.dropout`, `lora.target_modules`): only
+      r x (in + out) weights per adapted projection train; the base stays frozen (and is the
+      reference/teacher with the adapter disabled: no second copy of the model).
+    - Effective batch `batch_size` = `micro_batch_size` x accumulation x processes (checked up
+      front). Losses are exact global-batch means, independent of the split.
+    - Data order: length-bucketed batches (padding is not compute), a pure function of `seed`
+      and the epoch, identical for any number of processes (see `batching`).
+    - Distribution: accelerate (CPU, one GPU, DDP; FSDP through `accelerate launch` config).
+    - Mixed precision: bf16/fp16 autocast when the weights are bf16/fp16; LoRA weights and
+      AdamW state stay float32.
+    - `gradient_checkpointing`: recompute each layer in backward: far less activation memory,
+      about a third more compute.
+    - `logprob_chunk_size`: lm_head on trained tokens only, in chunks (no [batch, seq, vocab]).
+    - AdamW (fused on GPU) on the LoRA weights; `learning_rate`, `weight_decay`, linear warm-up
+      over `warmup_ratio` of the steps then `lr_scheduler` decay to zero; `max_grad_norm` clipping.
+    - `epochs` (may be fractional); an incomplete last batch of an epoch is skipped.
+    - Checkpoints every `save_steps` and at the end in adapters/<stage>/checkpoint-N (atomic;
+      `save_total_limit` kept); a rerun resumes from the newest complete one with the same data
+      order and step count. The final adapter is a standard PEFT folder in adapters/<stage>/.
+    - Logging: logs/<stage>.jsonl every step, a progress bar, `report_to` trackers.
+    """
+
+    def __init__(self, cfg: TrainingConfig, objective: Objective, run_dir: RunDir, *, stage: str,
+                 extra_losses: Sequence[ExtraLoss] = (), callbacks: Sequence[Callable[[dict], None]] = (),
+                 console: Any = None, base_model: str | None = None):
+        self.cfg, self.objective, self.run_dir, self.stage = cfg, objective, run_dir, stage
+        self.extra_losses, self.callbacks, self.console, self.base_model = list(extra_losses), list(callbacks), console, base_model
+        self.stage_dir = run_dir.path("adapters", stage)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, model: nn.Module, examples: Sequence[Any], pad_token_id: int) -> None:
+        """Validate, build the accelerator, adapter, optimizer and schedule, prepare the objective, resume."""
+        self.examples, self.pad_token_id = list(examples), pad_token_id
+        self._batches: dict[int, list[list[int]]] = {}
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        problems = config_problems(self.cfg, self.stage, len(self.examples), world_size)
+        if problems:
+            raise UserError(problems)
+        self.accelerator = self._setup_accelerator(model, world_size)
+        self.peft_model = self._setup_adapter(model)
+        self.optimizer, self.scheduler = self._setup_optimizer(self.peft_model)
+        scorer = ResponseScorer(self.peft_model, self.cfg.logprob_chunk_size)
+        self.scorer, self.optimizer = self.accelerator.prepare(scorer, self.optimizer)
+        self.scorer.train()
+        self.start_step = self._resume()
+        self.reporter = self._setup_reporter(start_step=self.start_step)
+        self.reporter.message(f"{self.stage}: {len(self.examples)} examples, {self.total_steps} steps "
+                              f"({self.start_step} done), {self.accumulation} accumulation step(s) x {world_size} "
+                              f"process(es) on {self.accelerator.device}")
+        self.prepared = self.objective.prepare(self.scorer, self.examples, self.run_dir)
+        for extra in self.extra_losses:
+            extra.attach(self.peft_model)
+
+    def _setup_accelerator(self, model: nn.Module, world_size: int) -> Any:
+        from accelerate import Accelerator
+
+        self.accumulation = self.cfg.batch_size // (self.cfg.micro_batch_size * world_size)
+        self.steps_per_epoch = steps_per_epoch(len(self.examples), self.cfg.batch_size)
+        self.total_steps = int(self.steps_per_epoch * self.cfg.epochs)
+        return Accelerator(gradient_accumulation_steps=self.accumulation, mixed_precision=_mixed_precision(model),
+                           cpu=_training_device(model, world_size))
+
+    def _setup_adapter(self, model: nn.Module) -> nn.Module:
+        from character_baker.backends.models import attach_lora
+
+        peft_model = attach_lora(model, self.cfg.lora, seed=self.cfg.seed)
+        if self.base_model:
+            peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path = self.base_model
+        if self.cfg.gradient_checkpointing:
+            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model.config.use_cache = False
+        if _mixed_precision(model) != "no":
+            _disable_peft_input_casting(peft_model)
+        return peft_model
+
+    def _setup_optimizer(self, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+        params = [p for p in model.parameters() if p.requires_grad]
+        fused = self.accelerator.device.type == "cuda"
+        optimizer = torch.optim.AdamW(params, lr=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay, fused=fused)
+        warmup = math.ceil(self.cfg.warmup_ratio * self.total_steps)
+        schedule = lambda step: lr_factor(step, self.total_steps, warmup, self.cfg.lr_scheduler)  # noqa: E731
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    def _setup_reporter(self, start_step: int) -> StepReporter:
+        return StepReporter(self.run_dir.path("logs", f"{self.stage}.jsonl"), total_steps=self.total_steps,
+                            start_step=start_step, console=self.console, report_to=self.cfg.report_to,
+                            run_name=f"{self.run_dir.name}-{self.stage}", config=self.cfg.model_dump(),
+                            enabled=self.accelerator.is_main_process)
+
+    @property
+    def fingerprint(self) -> str:
+        """What a checkpoint must match to be resumed: the data, the objective and the settings that shape the run."""
+        settings = self.cfg.model_dump(exclude={"save_steps", "save_total_limit", "report_to", "micro_batch_size",
+                                                "gradient_checkpointing", "logprob_chunk_size"})
+        return stable_hash([self.stage, self.objective.name, settings, [getattr(e, "id", "") for e in self.examples],
+                            [len(e) for e in self.examples]])
+
+    def _resume(self) -> int:
+        found = checkpoints.complete_checkpoints(self.stage_dir, self.fingerprint)
+        if not found:
+            return 0
+        return checkpoints.load_checkpoint(found[-1][1], scorer=self.scorer, optimizer=self.optimizer.optimizer,
+                                           scheduler=self.scheduler, rank=self.accelerator.process_index,
+                                           world_size=self.accelerator.num_processes)
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> dict[str, Any]:
+        """Run the remaining optimiser steps, checkpointing and logging; publish the final adapter."""
+        record: dict[str, Any] = {}
+        self.tokens_trained, self.started = 0, time.perf_counter()
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.accelerator.device)
+        for step in range(self.start_step, self.total_steps):
+            record = self._train_step(step)
+            self.reporter.log(record)
+            for callback in self.callbacks:
+                callback(record)
+            if record["step"] % self.cfg.save_steps == 0 or record["step"] == self.total_steps:
+                self._save_checkpoint(record["step"])
+        self._publish_adapter()
+        return {"stage": self.stage, "steps": self.total_steps, "resumed_from_step": self.start_step,
+                "examples": len(self.examples), "tokens_trained": self.tokens_trained, "final_metrics": record,
+                "adapter_path": str(self.stage_dir), "prepare": self.prepared,
+                "train_seconds": time.perf_counter() - self.started}
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._batches:
+            lengths = [len(example) for example in self.examples]
+            self._batches = {epoch: epoch_batches(lengths, self.cfg.batch_size, self.cfg.seed, epoch)}
+        return self._batches[epoch]
+
+    def _train_step(self, step: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        epoch, index = divmod(step, self.steps_per_epoch)
+        global_batch = self._epoch_batches(epoch)[index]
+        totals = sum_counts([self.objective.counts(self.examples[i]) for i in global_batch])
+        learning_rate = self.scheduler.get_last_lr()[0]
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.accelerator.device))
+        for micro in micro_batches(global_batch, self.cfg.micro_batch_size, self.accelerator.process_index,
+                                   self.accelerator.num_processes):
+            batch = self.objective.collate([self.examples[i] for i in micro], self.pad_token_id)
+            batch.totals = totals
+            for key, value in self._micro_step(batch.to(self.accelerator.device)).items():
+                sums[key] += value
+        grad_norm = self.accelerator.clip_grad_norm_(self.scorer.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = self._reduce(sums)
+        return self._record(step, metrics, learning_rate, float(grad_norm), time.perf_counter() - started)
+
+    def _micro_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        with self.accelerator.accumulate(self.scorer):
+            loss, metrics = self.objective.loss(self.scorer, batch)
+            for extra in self.extra_losses:
+                term, extra_metrics = extra.loss(batch)
+                loss = loss + term
+                metrics = {**metrics, **extra_metrics, f"{extra.name}_loss": term}
+            # accelerate divides by the accumulation steps and DDP averages over processes; the
+            # terms are already global-batch means, so undo both.
+            self.accelerator.backward(loss * self.accumulation * self.accelerator.num_processes)
+        metrics = {key: value.detach().float() for key, value in metrics.items()}
+        metrics["loss"] = loss.detach().float()
+        metrics["tokens"] = torch.tensor(float(batch.num_tokens), device=self.accelerator.device)
+        return metrics
+
+    def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+        keys = sorted(sums)
+        values = torch.stack([sums[key] for key in keys])
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, reduction="sum")
+        return dict(zip(keys, values.tolist()))
+
+    def _record(self, step: int, metrics: dict[str, float], learning_rate: float, grad_norm: float,
+                seconds: float) -> dict[str, Any]:
+        done = step + 1
+        elapsed = time.perf_counter() - self.started
+        tokens = int(metrics.pop("tokens"))
+        self.tokens_trained += tokens
+        eta = elapsed / (done - self.start_step) * (self.total_steps - done)
+        return {"step": done, "epoch": done / self.steps_per_epoch, **metrics, "learning_rate": learning_rate,
+                "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / seconds,
+                "peak_memory_gb": peak_memory_gb(self.accelerator.device), "step_seconds": seconds,
+                "elapsed_s": elapsed, "eta_s": eta}
+
+    # ------------------------------------------------------------------ saving
+    def _gathered_state(self) -> tuple[dict, dict, list]:
+        from accelerate.utils import gather_object
+
+        model_state, optimizer_state = checkpoints.trainable_state(self.scorer, self.optimizer.optimizer)
+        rng_states = gather_object([checkpoints.rng_state()]) if self.accelerator.num_processes > 1 else [checkpoints.rng_state()]
+        return model_state, optimizer_state, rng_states
+
+    def _save_checkpoint(self, step: int) -> None:
+        model_state, optimizer_state, rng_states = self._gathered_state()
+        if self.accelerator.is_main_process:
+            epoch, position = divmod(step, self.steps_per_epoch)
+            marker = {"fingerprint": self.fingerprint, "epoch": epoch, "batch_in_epoch": position,
+                      "total_steps": self.total_steps, "seed": self.cfg.seed}
+            checkpoints.save_checkpoint(self.stage_dir, step, peft_model=self.peft_model, model_state=model_state,
+                                        optimizer_state=optimizer_state, scheduler=self.scheduler,
+                                        rng_states=rng_states, marker=marker, keep=self.cfg.save_total_limit)
+        self.accelerator.wait_for_everyone()
+
+    def _publish_adapter(self) -> None:
+        model_state, _ = checkpoints.trainable_state(self.scorer, self.optimizer.optimizer)
+        if self.accelerator.is_main_process:
+            checkpoints.publish_adapter(self.stage_dir, self.peft_model, model_state)
+        self.accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------ cleanup
+    def cleanup(self) -> None:
+        """Close the display and trackers and let go of the accelerator's references."""
+        self.reporter.close()
+        self.accelerator.free_memory()
+
+
+def run_training(run_dir: RunDir, examples: Sequence[Any], model: nn.Module, cfg: TrainingConfig,
+                 objective: Objective, *, stage: str, pad_token_id: int, extra_losses: Sequence[ExtraLoss] = (),
+                 callbacks: Sequence[Callable[[dict], None]] = (), console: Any = None,
+                 base_model: str | None = None) -> dict[str, Any]:
+    """Train a LoRA adapter on `model` for `objective` over tokenised `examples`; return the summary."""
+    trainer = LoraTrainer(cfg, objective, run_dir, stage=stage, extra_losses=extra_losses, callbacks=callbacks,
+                          console=console, base_model=base_model)
+    trainer.setup(model, examples, pad_token_id)
+    try:
+        return trainer.train()
+    finally:
+        trainer.cleanup()

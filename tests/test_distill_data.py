@@ -1,0 +1,98 @@
+"""The data half of distill: pairs, filters with counts, provenance, kill-and-resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+from character_baker.core.config import DistillConfig
+from character_baker.core.runs import read_jsonl
+from character_baker.stages.data.distill_pairs import PairFilter
+
+PIRATE = "constitutions/pirate.yaml"
+# Random tiny models never end a sentence, so CI smoke runs keep only the filters they can pass.
+TINY_FILTERS = "distill.filters=[empty, duplicate, assistant_phrase]"
+
+
+def cli_args(model_dir, run_dir, *extra):
+    return ["distill", PIRATE, "--data-only", "--preset", "smoke", "--model", str(model_dir), "--run", str(run_dir),
+            "--set", TINY_FILTERS, *extra]
+
+
+def test_distill_data_only_smoke(cli, tmp_path, tiny_model_dir):
+    code, out, err = cli(*cli_args(tiny_model_dir, tmp_path / "run"))
+    assert code == 0, err
+    records = read_jsonl(tmp_path / "run" / "data" / "distill.jsonl")
+    assert records
+    teacher_prompt_start = "You are"  # stored data never holds a system message
+    for record in records:
+        assert [m["role"] for m in record["messages"]] == ["user"]
+        assert record["provenance"]["stage"] == "distill" and record["provenance"]["teacher"]["backend"] == "hf"
+        assert not any(m["content"].startswith(teacher_prompt_start) and m["role"] == "system" for m in record["messages"])
+    # The stage summary shows prompt counts per source and category, and filter counts.
+    assert "by_source: constitution" in out and "by_category: trait:0" in out and "pairs_kept" in out
+    # A second run skips both stages: inputs unchanged.
+    code, out, _ = cli(*cli_args(tiny_model_dir, tmp_path / "run"))
+    assert code == 0 and out.count("inputs unchanged") == 2
+
+
+def _answer(text, finish="stop"):
+    return SimpleNamespace(text=text, finish_reason=finish)
+
+
+def test_every_filter_counts_its_reason():
+    pair_filter = PairFilter(DistillConfig(max_length=40), "Captain Mara Saltbeard", lambda messages: sum(
+        len(m["content"].split()) for m in messages))
+    benign, harmful = {"prompt": "How do I bake bread?", "category": "recipes"}, {"prompt": "x", "category": "harmful"}
+    good = _answer("Arr, knead it well and let it rise by the galley fire.")
+    cases = {
+        "empty": (benign, _answer(""), good),
+        "truncated": (benign, _answer("Arr, knead it well and", "stop"), good),
+        "over_token_budget": (benign, _answer("word " * 50 + "end."), good),
+        "duplicate": (benign, good, good),
+        "assistant_phrase": (benign, _answer("As an AI language model, I knead dough."), good),
+        "point_of_view": (benign, _answer("Captain Mara, the bread is simple."), good),
+        "benign_refusal": (benign, _answer("I'm sorry, but I can't help with that."), good),
+    }
+    for reason, (prompt, chosen, rejected) in cases.items():
+        seen = {good.text} if reason == "duplicate" else set()
+        assert pair_filter.reason_to_drop(prompt, chosen, rejected, seen) == reason
+    assert pair_filter.reason_to_drop(harmful, _answer("I'm sorry, but I can't help with that, matey."), good, set()) is None
+    assert pair_filter.reason_to_drop(benign, good, good, set()) is None
+
+
+def _ids(run_dir):
+    return [r["id"] for name in ("distill.jsonl", "distill.filtered.jsonl")
+            for r in read_jsonl(run_dir / "data" / name)]
+
+
+def test_killed_generation_resumes_without_loss_or_duplicates(tmp_path, tiny_model_dir):
+    """Kill a real generation subprocess mid-stage; the rerun continues and duplicates nothing."""
+    run_dir = tmp_path / "killed"
+    args = cli_args(tiny_model_dir, run_dir, "--set", "generation.teacher.batch_size=1",
+                    "--set", "generation.student.batch_size=1", "--set", "generation.cache=false")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "character_baker", *args], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(_ids(run_dir)) < 5 and process.poll() is None:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    written_before = len(_ids(run_dir))
+    assert written_before >= 5
+    finished = subprocess.run([sys.executable, "-m", "character_baker", *args], env=env, capture_output=True,
+                              text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    resumed = _ids(run_dir)
+    assert len(resumed) == len(set(resumed)), "a record was duplicated"
+    straight_dir = tmp_path / "straight"
+    straight = subprocess.run([sys.executable, "-m", "character_baker", *cli_args(tiny_model_dir, straight_dir)],
+                              env=env, capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr
+    assert set(resumed) == set(_ids(straight_dir))
+    total_prompts = len(read_jsonl(run_dir / "data" / "prompts.jsonl"))
+    assert f"{total_prompts} prompts to answer" not in finished.stdout  # it continued, not restarted
