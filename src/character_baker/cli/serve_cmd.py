@@ -1,0 +1,88 @@
+"""`character-baker serve RUN|MODEL`: an OpenAI-compatible endpoint and a two-pane chat page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from character_baker.cli.common import console, err_console
+
+API_KEY_ENV = "CHARACTER_BAKER_API_KEY"
+ENGINES = ("auto", "vllm", "transformers")
+
+
+def _choose_engine(requested: str) -> str:
+    """'vllm' or 'transformers' for --engine (auto = vLLM when installed); UserError when unavailable."""
+    import importlib.util
+
+    from character_baker.core.errors import UserError
+    from character_baker.stages.serving.vllm import vllm_installed
+
+    if requested not in ENGINES:
+        raise UserError.single("--engine", "engine", f"unknown engine {requested!r}",
+                               f"use one of {', '.join(ENGINES)}")
+    if requested == "vllm" and not vllm_installed():
+        raise UserError.single("--engine", "vllm", "vLLM is not installed",
+                               "pip install 'character-baker[vllm]' (Linux with a CUDA GPU), "
+                               "or use --engine transformers")
+    engine = requested if requested != "auto" else ("vllm" if vllm_installed() else "transformers")
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if engine == "transformers" and missing:
+        raise UserError.single("--engine", "transformers", f"the transformers server needs {' and '.join(missing)}",
+                               "pip install 'character-baker[serve]'")
+    return engine
+
+
+def _warn_if_exposed(host: str, api_key: Optional[str]) -> None:
+    from character_baker.stages.serving.security import is_loopback_host
+
+    if not is_loopback_host(host) and not api_key:
+        err_console.print(f"warning: listening on {host} without an API key: anyone who can reach this machine can "
+                          f"use the model (set --api-key or {API_KEY_ENV})")
+
+
+def _serve_vllm(target, host: str, port: int, api_key: Optional[str], max_concurrency: int) -> None:
+    from character_baker.stages.serving.vllm import exec_vllm, vllm_argv
+
+    argv = vllm_argv(target, host=host, port=port, max_concurrency=max_concurrency)
+    console.print("engine: vLLM; the chat page, --max-tokens and --max-body-bytes belong to the transformers engine "
+                  "(vLLM checks the API key on /v1 routes only)", markup=False, soft_wrap=True)
+    console.print("$ " + " ".join(argv), markup=False, soft_wrap=True)
+    exec_vllm(argv, api_key)
+
+
+def serve(target: str = typer.Argument(..., help="Run directory (or its name under --runs-root), or a model: "
+                                              "Hub id, model folder or .gguf file.", show_default=False),
+          host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. Loopback only by default."),
+          port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
+          api_key: Optional[str] = typer.Option(None, "--api-key", envvar=API_KEY_ENV, show_default=False,
+                                                help="Require this key on every route."),
+          max_tokens: int = typer.Option(1024, "--max-tokens", min=1, help="Largest max_tokens a request may ask for."),
+          max_concurrency: int = typer.Option(4, "--max-concurrency", min=1,
+                                              help="Generations admitted at once; more get 429 "
+                                                   "(vLLM: --max-num-seqs)."),
+          max_body_bytes: int = typer.Option(1_000_000, "--max-body-bytes", min=1,
+                                             help="Largest request body; larger ones get 413."),
+          engine: str = typer.Option("auto", "--engine", help="auto (vLLM when installed), vllm or transformers."),
+          runs_root: Path = typer.Option(Path("runs"), "--runs-root", help="Folder holding run directories.")) -> None:
+    """Serve a baked character (or any model) over an OpenAI-compatible API, with a chat page at /."""
+    from character_baker.stages.serving.target import resolve_target
+
+    chosen = _choose_engine(engine)
+    resolved = resolve_target(target, engine=chosen, runs_root=runs_root)  # type: ignore[arg-type]
+    for note in resolved.notes:
+        err_console.print(f"note: {note}", markup=False, soft_wrap=True)
+    _warn_if_exposed(host, api_key)
+    if chosen == "vllm":
+        _serve_vllm(resolved, host, port, api_key, max_concurrency)
+        return
+    from character_baker.stages.serving.app import ServeSettings, run_server
+
+    settings = ServeSettings(host=host, port=port, api_key=api_key or None, max_tokens=max_tokens,
+                             max_concurrency=max_concurrency, max_body_bytes=max_body_bytes)
+    shown_host = f"[{host}]" if ":" in host else host
+    console.print(f"serving {', '.join(model.id for model in resolved.models)} on http://{shown_host}:{port}/v1 "
+                  f"(chat page: http://{shown_host}:{port}/)", markup=False, soft_wrap=True)
+    run_server(resolved, settings)

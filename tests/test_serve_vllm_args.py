@@ -1,0 +1,132 @@
+"""What `serve` serves for a run or a model, and the `vllm serve` command line it execs (no vLLM needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from character_baker.core.config import ModelsConfig, Recipe
+from character_baker.core.errors import UserError
+from character_baker.core.runs import RunDir
+from character_baker.stages.serving import vllm as vllm_module
+from character_baker.stages.serving.target import reference_id, resolve_target
+from character_baker.stages.serving.vllm import adapter_rank, vllm_argv
+
+PIRATE = Path(__file__).resolve().parents[1] / "constitutions" / "pirate.yaml"
+
+
+def fake_model(folder: Path) -> Path:
+    """A folder that resolves as a model reference (config.json only; nothing loads weights here)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+def fake_run(root: Path, base: Path, *, adapter_config: dict | None = None, merged: bool = False,
+             constitution: Path | None = PIRATE, models: dict | None = None) -> Path:
+    """A run directory with a manifest and, as asked, adapters/persona/ and/or model/."""
+    run = RunDir.create(root / "pirate")
+    recipe = Recipe(models=ModelsConfig(base=str(base), **(models or {})))
+    run.update_manifest(recipe=recipe.model_dump(mode="json"),
+                        constitution={"name": "pirate", "path": str(constitution) if constitution else ""})
+    if adapter_config is not None:
+        run.path("adapters", "persona").mkdir(parents=True)
+        run.path("adapters", "persona", "adapter_config.json").write_text(json.dumps(adapter_config))
+    if merged:
+        fake_model(run.path("model"))
+    return run.root
+
+
+def test_base_plus_lora_argv_reads_the_rank_and_names_both_models(tmp_path):
+    base = fake_model(tmp_path / "SmolBase")
+    run = fake_run(tmp_path / "runs", base, adapter_config={"r": 48})
+    argv = vllm_argv(resolve_target(str(run), engine="vllm"), host="127.0.0.1", port=8123, max_concurrency=3)
+    assert argv == ["vllm", "serve", str(base), "--served-model-name", "SmolBase", "--host", "127.0.0.1",
+                    "--port", "8123", "--max-num-seqs", "3", "--enable-lora",
+                    "--lora-modules", f"pirate={run / 'adapters' / 'persona'}", "--max-lora-rank", "64"]
+
+
+def test_vllm_serves_the_merged_model_alone_while_transformers_prefers_the_adapter(tmp_path):
+    base = fake_model(tmp_path / "SmolBase")
+    run = fake_run(tmp_path / "runs", base, adapter_config={"r": 8}, merged=True)
+    vllm_target = resolve_target(str(run), engine="vllm")
+    argv = vllm_argv(vllm_target, host="127.0.0.1", port=8000, max_concurrency=4)
+    assert argv[:5] == ["vllm", "serve", str(run / "model"), "--served-model-name", "pirate"]
+    assert "--enable-lora" not in argv
+    assert [pane.model for pane in vllm_target.panes] == ["pirate"]
+    hf_target = resolve_target(str(run), engine="transformers")
+    assert [(model.id, model.weights, model.adapter) for model in hf_target.models] == [
+        ("pirate", str(base), run / "adapters" / "persona"), ("SmolBase", str(base), None)]
+    assert hf_target.panes[1].model == "SmolBase" and "Captain Rook" in hf_target.panes[1].system_prompt
+
+
+def test_transformers_serves_merged_weights_and_the_base_when_there_is_no_adapter(tmp_path):
+    base = fake_model(tmp_path / "SmolBase")
+    run = fake_run(tmp_path / "runs", base, merged=True)
+    target = resolve_target(str(run), engine="transformers")
+    assert [(model.id, model.weights) for model in target.models] == [("pirate", str(run / "model")),
+                                                                        ("SmolBase", str(base))]
+
+
+def test_rank_pattern_dtype_remote_code_and_chat_template_reach_the_argv(tmp_path):
+    base = fake_model(tmp_path / "SmolBase")
+    run = fake_run(tmp_path / "runs", base, adapter_config={"r": 16, "rank_pattern": {"q_proj": 100}},
+                   models={"dtype": "bfloat16", "trust_remote_code": True, "chat_template": "tmpl.jinja"})
+    argv = vllm_argv(resolve_target(str(run), engine="vllm"), host="0.0.0.0", port=9000, max_concurrency=8)
+    assert argv[argv.index("--max-lora-rank") + 1] == "128"
+    assert argv[argv.index("--dtype") + 1] == "bfloat16" and "--trust-remote-code" in argv
+    assert argv[argv.index("--chat-template") + 1] == "tmpl.jinja"
+
+
+def test_an_adapter_without_a_rank_is_a_user_error(tmp_path):
+    base = fake_model(tmp_path / "SmolBase")
+    run = fake_run(tmp_path / "runs", base, adapter_config={"lora_alpha": 16})
+    with pytest.raises(UserError, match="adapter_config.json: r: cannot read"):
+        adapter_rank(run / "adapters" / "persona")
+
+
+def test_a_model_reference_serves_one_model_under_its_id(tmp_path):
+    folder = fake_model(tmp_path / "my-model")
+    target = resolve_target(str(folder), engine="vllm", runs_root=tmp_path / "runs")
+    assert vllm_argv(target, host="127.0.0.1", port=8000, max_concurrency=4)[2:5] == [
+        str(folder), "--served-model-name", "my-model"]
+    assert reference_id("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert reference_id(str(tmp_path / "weights.gguf")) == "weights"
+
+
+def test_a_missing_constitution_drops_the_base_pane_with_a_note(tmp_path):
+    base = fake_model(tmp_path / "SmolBase")
+    run = fake_run(tmp_path / "runs", base, adapter_config={"r": 8}, constitution=tmp_path / "gone.yaml")
+    target = resolve_target(str(run), engine="transformers")
+    assert [pane.model for pane in target.panes] == ["pirate"]
+    assert any("gone.yaml" in note for note in target.notes)
+
+
+def test_serve_execs_vllm_with_the_key_in_the_environment_only(tmp_path, monkeypatch, cli):
+    base = fake_model(tmp_path / "SmolBase")
+    fake_run(tmp_path / "runs", base, adapter_config={"r": 8})
+    calls = []
+    monkeypatch.setattr(vllm_module, "vllm_installed", lambda: True)
+    monkeypatch.setattr(vllm_module, "vllm_executable", lambda: "/opt/vllm/bin/vllm")
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: calls.append((path, argv, env)))
+    code, out, err = cli("serve", "pirate", "--runs-root", str(tmp_path / "runs"), "--api-key", "sekrit")
+    assert code == 0, err
+    [(path, argv, env)] = calls
+    assert path == "/opt/vllm/bin/vllm" and argv[:2] == ["vllm", "serve"] and "--enable-lora" in argv
+    assert "sekrit" not in " ".join(argv) and env["VLLM_API_KEY"] == "sekrit"
+    assert "vllm serve" in out
+
+
+def test_serve_refuses_clearly(tmp_path, monkeypatch, cli):
+    monkeypatch.setattr(vllm_module, "vllm_installed", lambda: False)
+    base = fake_model(tmp_path / "SmolBase")
+    unbaked = fake_run(tmp_path / "runs", base)
+    code, _, err = cli("serve", str(unbaked), "--engine", "vllm")
+    assert code == 2 and "vLLM is not installed" in err
+    code, _, err = cli("serve", str(unbaked), "--engine", "transformers")
+    assert code == 2 and "no baked model yet" in err
+    code, _, err = cli("serve", str(unbaked), "--engine", "turbo")
+    assert code == 2 and "unknown engine" in err
