@@ -104,3 +104,11 @@ def test_preset_named_inside_a_layer():
     resolved = resolve_recipe([Layer(name="file", values={"preset": "small"})])
     assert resolved.recipe.preset == "small"
     assert resolved.recipe.prompts.questions_per_trait == PRESETS["small"]["prompts"]["questions_per_trait"]
+
+
+def test_set_reaches_inside_optional_sections():
+    resolved = resolve_recipe([parse_set_overrides(["generation.introspector.backend=openai",
+                                                    "generation.introspector.model=served-persona"])])
+    assert resolved.recipe.generation.introspector.model == "served-persona"
+    with pytest.raises(UserError):
+        parse_set_overrides(["generation.introspector.modell=x"])

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from character_baker.core.config import Recipe
 from character_baker.core.errors import Problem, UserError
-from character_baker.core.validation import problems_from_validation
+from character_baker.core.validation import inner_model, problems_from_validation
 from character_baker.core.yamlio import LineMap, line_for, load_yaml_with_lines
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -36,7 +36,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "lora": {"r": 8, "alpha": 16}},
         "profile": {"prompts": 8, "top_n_fallback": 4},
         "merge": {"svd_rank": 8},
-        "eval": {"prompts": 12, "elo_pairs": 8, "coherence_pairs": 4},
+        "eval": {"prompts": 12, "elo_pairs": 8, "coherence_pairs": 4, "robustness_prompts": 2, "identity_prompts": 3,
+                 "harmful_prompts": 3, "capability_items": 8, "capability_max_new_tokens": 16, "kl_prompts": 2,
+                 "bootstrap": 50, "sample_answers": 2},
     },
     # 100M-1B models on one GPU (or patiently on a CPU).
     "small": {
@@ -105,9 +107,10 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 def _known_paths(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
     paths = []
     for name, info in model.model_fields.items():
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            paths.extend(_known_paths(annotation, f"{prefix}{name}."))
+        section = inner_model(info.annotation)  # also finds the model inside Optional[...]
+        if section is not None and not str(info.annotation).startswith(("list", "dict")):
+            paths.append(f"{prefix}{name}")
+            paths.extend(_known_paths(section, f"{prefix}{name}."))
         else:
             paths.append(f"{prefix}{name}")
     return paths
