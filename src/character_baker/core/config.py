@@ -72,6 +72,10 @@ class GenerationConfig(Section):
     prompt_writer: BackendConfig = Field(default_factory=lambda: BackendConfig(sampling=SamplingConfig(temperature=1.0, max_new_tokens=256)),
                                          description="Expands each trait's questions.")
     judge: BackendConfig = Field(default_factory=_judge_backend, description="Judges evaluation answers.")
+    introspector: BackendConfig | None = Field(
+        None, description="The distilled model that writes introspection data. None = the student's backend and "
+                          "sampling with adapters/distill switched on (hf, vllm); for openai/anthropic set this role "
+                          "and point `model` at a served copy of the distilled model.")
     cache: bool = Field(True, description="Cache responses on disk so reruns cost nothing.")
 
 
@@ -122,6 +126,9 @@ class TrainingConfig(Section):
     micro_batch_size: int = Field(4, ge=1, description="Per-device batch; gradient accumulation makes up the rest.")
     max_length: int = Field(1024, ge=16, description="Longest tokenised example; longer ones are dropped.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    torch_compile: bool = Field(
+        False, description="Compile each decoder layer with torch.compile: fuses norms, activations and rotary "
+                           "embeddings (GPU: fewer memory passes); the first steps pay compilation, new lengths may recompile.")
     lr_scheduler: Literal["linear", "cosine"] = Field(
         "linear", description="Decay after warm-up, to zero at the last step. TRL's default: linear.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the LoRA weights. TRL's default: 0.")
@@ -140,8 +147,11 @@ class DistillConfig(TrainingConfig):
     samples_per_prompt: int = Field(5, ge=1, description="K teacher/student samples per prompt. Published: 5.")
     paired_teacher: bool = Field(False, description="Rejected = the teacher without the constitution instead of the student.")
     beta: float = Field(0.1, gt=0, description="DPO temperature. Published: 0.1.")
-    nll_coef: float = Field(0.1, ge=0, description="NLL on chosen tokens. Published: 0.1.")
-    kl_coef: float = Field(0.001, ge=0, description="Per-token KL to the reference on chosen tokens. Published: 0.001.")
+    nll_coef: float = Field(0.1, ge=0, description="NLL on chosen tokens: mean over chosen response tokens of -log p. "
+                                                    "Published: 0.1.")
+    kl_coef: float = Field(0.001, ge=0, description="Per-token KL to the reference on chosen tokens, k3 estimator: mean of "
+                                                    "exp(r) - r - 1 with r = log p_ref - log p_policy per token (reference "
+                                                    "log-probs cached before training). Published: 0.001.")
     thinking_prefill: bool = Field(False, description="Reasoning teachers: prefill a thought that recalls the traits.")
     teacher_name: str | None = Field(None, description="The teacher's own name, replaced by the persona's name in its answers.")
     filters: list[Literal["empty", "truncated", "over_token_budget", "duplicate", "assistant_phrase",
@@ -161,14 +171,26 @@ class IntrospectConfig(TrainingConfig):
 
     reflections_per_instruction: int = Field(1000, ge=0, description="Samples per reflective instruction. Published: 1000.")
     interactions: int = Field(2000, ge=0, description="Self-interaction transcripts, half free, half introspective. Published: 2 x 1000.")
-    turns: int = Field(10, ge=2, description="Turns per self-interaction. Published: 10.")
+    turns: int = Field(10, ge=2, description="Messages per self-interaction: the opening greeting, then turns - 1 replies, "
+                                             "the two copies taking turns. Published: 10.")
     max_length: int = Field(3072, ge=16, description="Published: 3072.")
+    filters: list[Literal["empty", "repetition", "point_of_view", "over_length"]] = Field(
+        default_factory=lambda: ["empty", "repetition", "point_of_view", "over_length"],
+        description="Introspection filters switched on; each drop is counted in the stage summary and manifest.")
+    max_repeated_ngram_share: float = Field(
+        0.3, gt=0, le=1, description="repetition filter: drop a text whose share of repeated word 4-grams is above this.")
 
 
 class SdftConfig(TrainingConfig):
-    """On-policy self-distillation: adapter-off + system prompt teaches adapter-on + no prompt."""
+    """On-policy self-distillation: adapter-off + system prompt teaches adapter-on + no prompt.
 
-    divergence: Literal["reverse_kl", "forward_kl", "jsd"] = Field("reverse_kl")
+    Both run on the one in-memory base model: the student samples with generation.student.sampling
+    every optimiser step; the teacher's answers for the CE term use generation.teacher.sampling.
+    """
+
+    divergence: Literal["reverse_kl", "forward_kl", "jsd"] = Field(
+        "reverse_kl", description="Per-token divergence: reverse_kl = KL(student || teacher) (mode-seeking), "
+                                  "forward_kl = KL(teacher || student), jsd = Jensen-Shannon.")
     kl_coef: float = Field(0.3, ge=0, description="Weight of the divergence term. Reported: 0.3.")
     ce_coef: float = Field(1.0, ge=0, description="Cross-entropy on teacher samples. Reported: 1.0.")
     temperature: float = Field(2.0, gt=0, description="Softmax temperature of the divergence. Reported: 2.")
@@ -182,18 +204,27 @@ class ProfileConfig(Section):
     prompts: int = Field(200, ge=2, description="Prompts profiled, drawn across categories.")
     z_threshold: float = Field(2.0, gt=0, description="Push set z > +t, pull set z < -t. Published: 2.")
     top_n_fallback: int = Field(50, ge=1, description="Per layer, when no dimension passes the threshold. Published: 50.")
-    include_mlp: bool = Field(False, description="Also profile MLP activations.")
+    include_mlp: bool = Field(False, description="Also profile MLP neuron activations (the input of down_proj).")
+    batch_size: int = Field(8, ge=1, description="Sequences per forward pass while recording activations.")
+    heatmap_dims: int = Field(64, ge=1, description="Columns of profile/heatmap.png: the dimensions with the largest |z|.")
+    seed: int = Field(0, description="Seed for drawing the profiled prompts.")
 
 
 class PushPullConfig(Section):
     """Activation regulariser added to a training stage's loss."""
 
-    enabled: bool = Field(False)
+    enabled: bool = Field(False, description="Add the term to push_pull.stage's loss (also on when `method` lists "
+                                             "push_pull; `character-baker push-pull` switches it on).")
     stage: Literal["distill", "introspect", "sdft"] = Field("distill", description="Training stage it joins.")
     profile: str | None = Field(None, description="profile.safetensors path; None = this run's profile/.")
     weight: float = Field(0.1, ge=0, description="Published: 0.1 for each of push and pull.")
-    variant: Literal["published", "z_weighted"] = Field("published")
-    balance_ratio: float | None = Field(None, gt=0, description="Hold the term at this fraction of the main loss.")
+    variant: Literal["published", "z_weighted"] = Field(
+        "published", description="published: mean(relu(-a_push)) + mean(a_pull^2); z_weighted: each dimension "
+                                 "weighted by |z|, activations divided by the layer's scale, layers averaged.")
+    balance_ratio: float | None = Field(None, gt=0, description="Hold the term at this fraction of the main loss "
+                                                                "(re-balanced after every step; `weight` starts it).")
+    top_layers: int | None = Field(None, ge=1, description="Regularise only the N most important profiled layers; "
+                                                           "None = every layer with a push or pull set.")
 
 
 class SteerConfig(Section):
@@ -202,7 +233,9 @@ class SteerConfig(Section):
     strength: float = Field(4.0, description="Multiplier on the steering vector; tune per model.")
     layer_start: float = Field(0.125, ge=0, le=1, description="First layer as a share of depth.")
     layer_end: float = Field(0.875, ge=0, le=1, description="Last layer as a share of depth.")
-    vector: Literal["mean_diff", "pca"] = Field("mean_diff")
+    vector: Literal["mean_diff", "pca"] = Field(
+        "mean_diff", description="mean_diff: mean activation with minus without the persona; pca: its first principal "
+                                 "component (of the per-prompt differences), scaled to the mean difference's projection.")
 
 
 class MergeConfig(Section):
@@ -215,13 +248,32 @@ class MergeConfig(Section):
 
 
 class EvalConfig(Section):
-    """Evaluation sizes."""
+    """Evaluation sizes and settings. Conditions answer with generation.student's backend and sampling."""
 
-    prompts: int = Field(200, ge=1, description="Held-out prompts per condition.")
-    elo_pairs: int = Field(300, ge=0, description="Revealed-preference trait pairs.")
-    coherence_pairs: int = Field(100, ge=0)
+    prompts: int = Field(200, ge=1, description="Held-out prompts per condition (shipped eval set, stratified by category).")
+    robustness_prompts: int = Field(50, ge=0, description="Prompts answered under each of the 8 break-character "
+                                                          "instructions and under the prefill attack.")
+    identity_prompts: int = Field(35, ge=0, description="Identity probes ('who are you?') per condition.")
+    harmful_prompts: int = Field(32, ge=0, description="Harmful requests per condition (safety in character).")
+    elo_pairs: int = Field(300, ge=0, description="Revealed-preference trait pairs, per instruction and condition.")
+    elo_k: float = Field(32.0, gt=0, description="Elo K factor. Published: 32.")
+    elo_start: float = Field(1000.0, description="Starting Elo rating. Published: 1000.")
+    elo_shuffles: int = Field(20, ge=1, description="Elo is averaged over this many shuffled match orders.")
+    coherence_pairs: int = Field(100, ge=0, description="Prompts judged per pair of conditions (both orders).")
+    capability_items: int | None = Field(None, ge=1, description="Exact-match arithmetic/knowledge items; None = all shipped.")
+    capability_max_new_tokens: int = Field(48, ge=1, description="Answer length for capability items (greedy).")
+    kl_prompts: int = Field(50, ge=0, description="Neutral prompts for KL(condition || base) on the condition's answers.")
+    kl_chunk_size: int = Field(512, ge=1, description="Answer tokens per lm_head chunk in the KL computation.")
     classifier_lr: float = Field(5e-4, gt=0, description="Published: 5e-4.")
     classifier_epochs: float = Field(1.0, gt=0, description="Published: 1.")
+    classifier_batch_size: int = Field(16, ge=1, description="Persona-classifier training and scoring batch.")
+    classifier_max_length: int = Field(256, ge=8, description="Answer tokens the classifier reads (longer are truncated).")
+    classifier_holdout: float = Field(0.2, gt=0, lt=1, description="Share of training prompts held out to score the "
+                                                                   "classifier (split by prompt, never by answer).")
+    bootstrap: int = Field(1000, ge=10, description="Bootstrap resamples for confidence intervals (Elo, BT, F1).")
+    sample_answers: int = Field(6, ge=0, description="Prompts shown with every condition's answer side by side in the HTML.")
+    base_model_names: list[str] = Field(default_factory=list, description="Names the base model calls itself, for the "
+                                                                           "identity-leak probe; empty = from its model id.")
     seed: int = Field(0)
 
 

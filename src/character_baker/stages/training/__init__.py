@@ -3,6 +3,7 @@
     tokenize     chat-template rendering, assistant-turn loss masks, length filtering
     batching     length-bucketed, process-independent data order; collation
     losses       chunked token log-probs / KL (no [batch, seq, vocab]); DPO, NLL, k3 KL terms
+    fused_lora   LoRA linear layers with the scale and the add fused into the GEMMs
     trainer      `LoraTrainer` / `run_training`: config -> setup -> train -> cleanup, any `Objective`
     checkpoints  atomic checkpoints, resume, the final PEFT adapter
     reporting    logs/<stage>.jsonl, progress display, TensorBoard / W&B

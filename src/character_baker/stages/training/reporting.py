@@ -53,18 +53,20 @@ class StepReporter:
 
     def __init__(self, log_path: Path, *, total_steps: int, start_step: int, console: Any = None,
                  report_to: Sequence[str] = (), run_name: str = "", config: dict | None = None, enabled: bool = True):
+        from rich.console import Console
+
         self.log_path, self.total_steps, self.enabled = log_path, total_steps, enabled
-        self.console = console
+        self.console = console if console is not None else Console()
         self.trackers: list[Any] = []
         self.progress = None
         if not enabled:
             return
         write_jsonl_atomic(log_path, [r for r in read_jsonl(log_path) if r.get("step", 0) <= start_step])
-        if console is not None and console.is_terminal:
+        if self.console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=console)
+                                     TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=self.console)
             self.task = self.progress.add_task(log_path.stem, total=total_steps, completed=start_step, status="")
             self.progress.start()
         self.trackers = [self._open_tracker(name, run_name, config or {}) for name in report_to]
@@ -94,19 +96,13 @@ class StepReporter:
         if self.progress is not None:
             status = "  ".join(f"{k} {record[k]:.4g}" for k in HEADLINE[:3] if k in record)
             self.progress.update(self.task, completed=record["step"], status=status)
-        elif self.console is not None:
-            self.console.print(_format(record, self.total_steps), markup=False, highlight=False)
         else:
-            print(_format(record, self.total_steps), flush=True)
+            self.console.print(_format(record, self.total_steps), markup=False, highlight=False, soft_wrap=True)
 
     def message(self, text: str) -> None:
         """A one-off line (setup, reference pass, saving)."""
-        if not self.enabled:
-            return
-        if self.console is not None:
-            self.console.print(text, markup=False, highlight=False)
-        else:
-            print(text, flush=True)
+        if self.enabled:
+            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         """Stop the display and flush the trackers."""

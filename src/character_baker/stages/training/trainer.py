@@ -26,6 +26,7 @@ from character_baker.core.errors import Problem, UserError
 from character_baker.core.runs import RunDir, stable_hash
 from character_baker.stages.training import checkpoints
 from character_baker.stages.training.batching import Batch, epoch_batches, micro_batches, steps_per_epoch
+from character_baker.stages.training.fused_lora import fuse_lora_layers
 from character_baker.stages.training.losses import ResponseScorer
 from character_baker.stages.training.reporting import StepReporter, peak_memory_gb, report_to_problems
 
@@ -102,7 +103,7 @@ def config_problems(cfg: TrainingConfig, section: str, num_examples: int, world_
     return problems
 
 
-def _training_device(model: nn.Module, world_size: int) -> bool:
+def _train_on_cpu(model: nn.Module, world_size: int) -> bool:
     """True to train on the CPU: the model lives there and this is one process, or there is no GPU."""
     on_cpu = next(model.parameters()).device.type == "cpu"
     return not torch.cuda.is_available() or (on_cpu and world_size == 1)
@@ -112,16 +113,6 @@ def _mixed_precision(model: nn.Module) -> str:
     """Autocast for half-precision weights (LoRA weights and optimizer state stay float32)."""
     dtype = next(model.parameters()).dtype
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
-
-
-def _disable_peft_input_casting(model: nn.Module) -> None:
-    # peft <= 0.21 casts each LoRA layer's input to the adapter's float32 before autocast casts
-    # it back to bf16: a wasted full-size copy per adapted layer. Autocast already matches dtypes.
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.cast_input_dtype_enabled = False
 
 
 class LoraTrainer:
@@ -139,6 +130,9 @@ class LoraTrainer:
     - Distribution: accelerate (CPU, one GPU, DDP; FSDP through `accelerate launch` config).
     - Mixed precision: bf16/fp16 autocast when the weights are bf16/fp16; LoRA weights and
       AdamW state stay float32.
+    - Fused LoRA layers (always, when dropout is 0): the scale and the add ride in the GEMMs
+      (see `fused_lora`); same math as PEFT, about a tenth fewer memory passes.
+    - `torch_compile`: each decoder layer compiled (fused element-wise ops); compile time first.
     - `gradient_checkpointing`: recompute each layer in backward: far less activation memory,
       about a third more compute.
     - `logprob_chunk_size`: lm_head on trained tokens only, in chunks (no [batch, seq, vocab]).
@@ -189,7 +183,7 @@ class LoraTrainer:
         self.steps_per_epoch = steps_per_epoch(len(self.examples), self.cfg.batch_size)
         self.total_steps = int(self.steps_per_epoch * self.cfg.epochs)
         return Accelerator(gradient_accumulation_steps=self.accumulation, mixed_precision=_mixed_precision(model),
-                           cpu=_training_device(model, world_size))
+                           cpu=_train_on_cpu(model, world_size))
 
     def _setup_adapter(self, model: nn.Module) -> nn.Module:
         from character_baker.backends.models import attach_lora
@@ -200,8 +194,10 @@ class LoraTrainer:
         if self.cfg.gradient_checkpointing:
             peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         peft_model.config.use_cache = False
-        if _mixed_precision(model) != "no":
-            _disable_peft_input_casting(peft_model)
+        fuse_lora_layers(peft_model)
+        if self.cfg.torch_compile:
+            for layer in peft_model.get_base_model().get_decoder().layers:
+                layer.compile()
         return peft_model
 
     def _setup_optimizer(self, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
@@ -222,7 +218,7 @@ class LoraTrainer:
     def fingerprint(self) -> str:
         """What a checkpoint must match to be resumed: the data, the objective and the settings that shape the run."""
         settings = self.cfg.model_dump(exclude={"save_steps", "save_total_limit", "report_to", "micro_batch_size",
-                                                "gradient_checkpointing", "logprob_chunk_size"})
+                                                "gradient_checkpointing", "logprob_chunk_size", "torch_compile"})
         return stable_hash([self.stage, self.objective.name, settings, [getattr(e, "id", "") for e in self.examples],
                             [len(e) for e in self.examples]])
 

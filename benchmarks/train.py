@@ -1,0 +1,369 @@
+"""Benchmark LoRA DPO training: policy tokens/s, MFU and peak memory, optionally against TRL.
+
+    PYTHONPATH=src python benchmarks/train.py --config llama3.1-8b --seq-len 1024 --pairs-per-step 4 \\
+        --gradient-checkpointing --steps 8
+
+The model has the real shapes of `--config` and random weights; the data are synthetic pairs
+whose every sequence (prompt + response) is exactly `--seq-len` tokens (prompt = a quarter),
+rendered by a word-level tokenizer with a ChatML-style template, so our trainer and TRL see the
+same token ids. When `trl` is importable, TRL's DPOTrainer trains the same model shapes on the
+same data with the same LoRA settings in the same process, and the ratios are printed.
+
+Conventions (each number in the table means exactly this):
+- policy tokens/s: tokens through the policy's forward and backward per second (chosen and
+  rejected, prompt and response; no padding here), median over the timed steps; the first
+  `--warmup-steps` optimiser steps are not timed. The reference log-prob pass (once, before
+  training, in both trainers) is reported separately.
+- MFU: model FLOPs per token = 6 N + 12 L H Q T (PaLM, Chowdhery et al. 2022, appendix B),
+  with N = every matmul weight of the base model (output head included, input embedding lookup
+  excluded); LoRA training is counted as the standard 6N, as published MFU figures are; L
+  layers, H heads, Q head dim, T = sequence length. Divided by this machine's *measured* peak:
+  the median rate of a large torch.matmul in the training dtype (bf16 on a GPU).
+- peak memory: torch.cuda.max_memory_allocated while training (weights included; the
+  reference pass before training excluded), GiB. On a CPU: peak resident memory of the process.
+
+The table is printed and appended (never rewritten) to `--results` (benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import platform
+import random
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+SPECIALS = ["<|pad|>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system"]
+
+
+def model_config(name: str) -> Any:
+    """A transformers config with the real shapes of a named model."""
+    from transformers import LlamaConfig
+
+    if name == "llama3.1-8b":
+        return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                           num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
+                           max_position_embeddings=8192, tie_word_embeddings=False)
+    if name == "smollm2-135m":
+        return LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                           num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, rms_norm_eps=1e-5,
+                           max_position_embeddings=8192, tie_word_embeddings=True)
+    if name == "tiny":
+        return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=512, max_position_embeddings=8192, tie_word_embeddings=False)
+    raise SystemExit(f"unknown --config {name!r}: use llama3.1-8b, smollm2-135m or tiny")
+
+
+def synthetic_tokenizer(vocab_size: int) -> Any:
+    """A word-level tokenizer over the whole vocabulary ('w17' -> one id) with a ChatML-style template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: index for index, token in enumerate(SPECIALS)}
+    vocab.update({f"w{i}": len(SPECIALS) + i for i in range(vocab_size - len(SPECIALS))})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|pad|>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|pad|>",
+                                        additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def synthetic_records(count: int, seq_len: int, vocab_size: int, seed: int = 0) -> list[dict]:
+    """Distill records whose rendered sequences are exactly `seq_len` tokens (a quarter of them prompt)."""
+    rng = random.Random(seed)
+    prompt_words = seq_len // 4 - 5            # + <|im_start|> user ... <|im_end|> <|im_start|> assistant
+    response_words = seq_len - 6 - prompt_words  # + <|im_end|>
+    words = lambda n: " ".join(f"w{rng.randrange(vocab_size - len(SPECIALS))}" for _ in range(n))  # noqa: E731
+    return [{"id": f"pair-{i}", "prompt_id": f"p{i}", "messages": [{"role": "user", "content": words(prompt_words)}],
+             "chosen": words(response_words), "rejected": words(response_words), "provenance": {}}
+            for i in range(count)]
+
+
+def build_model(config: Any, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Any:
+    """Random weights of the real shapes, created directly on the device."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.config._name_or_path = "random-weights"
+    return model
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured matmul rate (TFLOP/s): median of timed batches of square products, after warm-up."""
+    size = 8192 if device.type == "cuda" else 1024
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    rates = []
+    for attempt in range(8):
+        _sync(device)
+        started = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        _sync(device)
+        if attempt >= 2:
+            rates.append(10 * 2 * size**3 / (time.perf_counter() - started) / 1e12)
+    return statistics.median(rates)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def flops_per_token(model: Any, seq_len: int) -> float:
+    """6 N + 12 L H Q T (PaLM appendix B); N = matmul weights incl. the output head, excl. the input embedding."""
+    config = model.config
+    embedding = model.get_input_embeddings().weight.numel()
+    n = sum(p.numel() for p in model.parameters()) - embedding
+    if config.tie_word_embeddings:
+        n += embedding  # the tied output head still does its matmul
+    head_dim = config.hidden_size // config.num_attention_heads
+    return 6 * n + 12 * config.num_hidden_layers * config.num_attention_heads * head_dim * seq_len
+
+
+def profile_step(at_step: int, rows: int = 25) -> Callable[[dict], None]:
+    """A training callback that profiles one optimiser step and prints the top kernels."""
+    state: dict[str, Any] = {}
+
+    def callback(record: dict) -> None:
+        if record["step"] == at_step:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            state["profiler"] = torch.profiler.profile(activities=activities)
+            state["profiler"].start()
+        elif record["step"] == at_step + 1 and "profiler" in state:
+            state["profiler"].stop()
+            sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+            print(state["profiler"].key_averages().table(sort_by=sort, row_limit=rows), flush=True)
+    return callback
+
+
+def run_ours(args: argparse.Namespace, model: Any, tokenizer: Any, records: list[dict]) -> dict[str, float]:
+    """Train with character-baker's `train_dpo`; measure the timed steps."""
+    from character_baker.core.config import DistillConfig
+    from character_baker.core.runs import RunDir
+    from character_baker.stages.training.dpo import train_dpo
+
+    cfg = DistillConfig(batch_size=args.pairs_per_step, micro_batch_size=args.micro_batch_size or args.pairs_per_step,
+                        max_length=args.seq_len, gradient_checkpointing=args.gradient_checkpointing, save_steps=10**6,
+                        lora={"r": args.lora_r, "alpha": 2 * args.lora_r}, logprob_chunk_size=args.chunk_size,
+                        torch_compile=args.compile)
+    steps: list[dict] = []
+    callbacks = [steps.append] + ([profile_step(args.warmup_steps + 1)] if args.profile else [])
+    with tempfile.TemporaryDirectory() as scratch:
+        summary = train_dpo(RunDir.create(scratch), records, model, tokenizer, cfg, callbacks=callbacks)
+    timed = steps[args.warmup_steps:]
+    reference_tokens = 2 * args.seq_len * summary["prepare"]["reference_computed"]
+    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
+            "step_seconds": statistics.median(r["step_seconds"] for r in timed),
+            "peak_memory_gb": max(r["peak_memory_gb"] for r in timed),
+            "reference_tokens_per_s": reference_tokens / summary["prepare"]["reference_seconds"],
+            "final_loss": timed[-1]["loss"]}
+
+
+def run_trl(args: argparse.Namespace, model: Any, tokenizer: Any, records: list[dict]) -> dict[str, float]:
+    """Train the same model shapes and data with TRL's DPOTrainer (same LoRA, beta, NLL weight)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from character_baker.backends.models import lora_target_modules
+
+    device = next(model.parameters()).device
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.seconds, self.peak = [], 0.0
+
+        def on_train_begin(self, *_, **__):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+
+        def on_step_begin(self, *_, **__):
+            _sync(device)
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            _sync(device)
+            self.seconds.append(time.perf_counter() - self.started)
+            if device.type == "cuda":
+                self.peak = max(self.peak, torch.cuda.max_memory_allocated(device) / 2**30)
+
+    data = Dataset.from_list([{"prompt": r["messages"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                               "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in records])
+    micro = args.micro_batch_size or args.pairs_per_step
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as scratch:
+        config = DPOConfig(output_dir=scratch, per_device_train_batch_size=micro, max_steps=len(records) // args.pairs_per_step,
+                           gradient_accumulation_steps=args.pairs_per_step // micro, learning_rate=5e-5, warmup_steps=0,
+                           max_grad_norm=1.0, beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.1],
+                           precompute_ref_log_probs=True, max_length=args.seq_len, bf16=device.type == "cuda",
+                           gradient_checkpointing=args.gradient_checkpointing, use_cpu=device.type == "cpu",
+                           gradient_checkpointing_kwargs={"use_reentrant": False}, save_strategy="no",
+                           logging_steps=1, report_to=[], disable_tqdm=True, dataloader_drop_last=True)
+        lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, task_type="CAUSAL_LM",
+                          target_modules=lora_target_modules(model, "all-linear"))
+        trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                             peft_config=lora, callbacks=[timer])
+        trainer.train()
+    timed = timer.seconds[args.warmup_steps:]
+    tokens_per_step = 2 * args.seq_len * args.pairs_per_step
+    peak = timer.peak if device.type == "cuda" else _host_peak_gb()
+    return {"tokens_per_s": statistics.median(tokens_per_step / s for s in timed),
+            "step_seconds": statistics.median(timed), "peak_memory_gb": peak,
+            "reference_tokens_per_s": float("nan"), "final_loss": float("nan")}
+
+
+def _host_peak_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def machine_description(device: torch.device) -> str:
+    """GPU name (or CPU model) and core count."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB)"
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return f"CPU {cpu}, {torch.get_num_threads()} threads"
+
+
+def versions() -> str:
+    """Versions of the libraries that shape the numbers."""
+    import importlib.metadata as metadata
+
+    found = []
+    for name in ("torch", "transformers", "peft", "accelerate", "trl"):
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ", ".join(found)
+
+
+def markdown(args: argparse.Namespace, device: torch.device, peak_tflops: float, per_token: float,
+             results: dict[str, dict[str, float]]) -> str:
+    """The results as a markdown section (appended to RESULTS.md)."""
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"\n## LoRA DPO training: {args.config}, {args.pairs_per_step} pairs x {args.seq_len} tokens per step, "
+             f"LoRA r{args.lora_r}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}"
+             f"{', torch.compile (ours)' if args.compile else ''}\n",
+             f"- machine: {machine_description(device)}; measured matmul peak {peak_tflops:.3g} TFLOP/s "
+             f"({'bf16' if device.type == 'cuda' else 'float32'})",
+             f"- date: {when}; versions: {versions()}",
+             f"- command: `{' '.join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}`",
+             f"- model FLOPs/token (6N + 12LHQT): {per_token / 1e9:.3g} GFLOP; timed steps: {args.steps} "
+             f"after {args.warmup_steps} warm-up" + (f"\n- note: {args.note}" if args.note else "") + "\n",
+             "| trainer | policy tokens/s | MFU | step (s) | peak memory (GiB) | reference pass tokens/s |",
+             "|---|---|---|---|---|---|"]
+    for name, row in results.items():
+        mfu = row["tokens_per_s"] * per_token / (peak_tflops * 1e12)
+        lines.append(f"| {name} | {row['tokens_per_s']:,.0f} | {mfu:.1%} | {row['step_seconds']:.3f} | "
+                     f"{row['peak_memory_gb']:.1f} | {_rate(row['reference_tokens_per_s'])} |")
+    if len(results) == 2:
+        ours, theirs = results.values()
+        lines.append(f"\ncharacter-baker vs TRL: tokens/s x{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}, "
+                     f"peak memory x{ours['peak_memory_gb'] / theirs['peak_memory_gb']:.2f}")
+    return "\n".join(lines) + "\n"
+
+
+def _rate(value: float) -> str:
+    return "n/a" if value != value else f"{value:,.0f}"  # NaN: not measured
+
+
+def print_table(args: argparse.Namespace, peak_tflops: float, per_token: float, results: dict) -> None:
+    """A rich table of the results."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"LoRA DPO {args.config}: {args.pairs_per_step} x {args.seq_len}-token pairs per step")
+    table.add_column("trainer", no_wrap=True)
+    for column in ("policy tokens/s", "MFU", "step (s)", "peak GiB", "reference tokens/s"):
+        table.add_column(column, justify="right")
+    for name, row in results.items():
+        mfu = row["tokens_per_s"] * per_token / (peak_tflops * 1e12)
+        table.add_row(name, f"{row['tokens_per_s']:,.0f}", f"{mfu:.1%}", f"{row['step_seconds']:.3f}",
+                      f"{row['peak_memory_gb']:.1f}", _rate(row["reference_tokens_per_s"]))
+    Console().print(table)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="tiny", help="llama3.1-8b, smollm2-135m or tiny")
+    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (prompt + response)")
+    parser.add_argument("--pairs-per-step", type=int, default=4, help="preference pairs per optimiser step")
+    parser.add_argument("--micro-batch-size", type=int, default=None, help="pairs per forward (default: all)")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch_compile=True (our trainer only)")
+    parser.add_argument("--steps", type=int, default=8, help="timed optimiser steps")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="untimed optimiser steps first")
+    parser.add_argument("--lora-r", type=int, default=64, help="LoRA rank (alpha = 2r)")
+    parser.add_argument("--chunk-size", type=int, default=512, help="logprob_chunk_size")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--note", default="", help="a remark added to the results section")
+    parser.add_argument("--no-trl", action="store_true", help="skip TRL even when installed")
+    parser.add_argument("--profile", action="store_true", help="print the top kernels of one of our steps")
+    parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")), help="markdown file to append to")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark, print the table, append it to the results file."""
+    import importlib.util
+
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak_tflops = matmul_tflops(device, dtype)
+    config = model_config(args.config)
+    tokenizer = synthetic_tokenizer(config.vocab_size)
+    records = synthetic_records(args.pairs_per_step * (args.steps + args.warmup_steps), args.seq_len, config.vocab_size)
+    results = {}
+    model = build_model(config, device, dtype)
+    per_token = flops_per_token(model, args.seq_len)
+    results["character-baker"] = run_ours(args, model, tokenizer, records)
+    del model
+    _free(device)
+    if not args.no_trl and importlib.util.find_spec("trl") is not None:
+        import trl
+
+        results[f"TRL {trl.__version__} DPOTrainer"] = run_trl(args, build_model(config, device, dtype), tokenizer, records)
+        _free(device)
+    print_table(args, peak_tflops, per_token, results)
+    section = markdown(args, device, peak_tflops, per_token, results)
+    with open(args.results, "a", encoding="utf-8") as handle:
+        handle.write(section)
+    print(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Data order is independent of the process count, and two CPU processes train exactly like one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from character_baker.core.runs import RunDir, read_jsonl
+from character_baker.stages.training.batching import epoch_batches, micro_batches
+from character_baker.stages.training.dpo import train_dpo
+from character_baker.stages.training.launch import launch_command, relaunch
+from character_baker.testing import tiny_model
+from tests.test_training_dpo import one_torch_thread, toy_config, toy_records  # noqa: F401 (autouse fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+
+WORKER = """
+import sys
+import torch
+from character_baker.core.runs import RunDir
+from character_baker.stages.training.dpo import train_dpo
+from character_baker.testing import tiny_model, tiny_tokenizer
+from tests.test_training_dpo import toy_config, toy_records
+
+torch.set_num_threads(1)
+tokenizer = tiny_tokenizer()
+train_dpo(RunDir.create(sys.argv[1]), toy_records(8), tiny_model("llama", tokenizer), tokenizer,
+          toy_config(micro_batch_size=1, epochs=1.0))
+"""
+
+
+def test_every_process_count_sees_the_same_global_batches():
+    lengths = [7, 3, 9, 1, 4, 4, 8, 2, 6, 5, 3, 7, 2]
+    batches = epoch_batches(lengths, batch_size=4, seed=3, epoch=0)
+    assert batches == epoch_batches(lengths, batch_size=4, seed=3, epoch=0)
+    assert batches != epoch_batches(lengths, batch_size=4, seed=3, epoch=1)
+    assert len(batches) == len(lengths) // 4 and all(len(b) == 4 for b in batches)
+    assert len({i for b in batches for i in b}) == 12  # no index twice; one incomplete batch skipped
+    for batch in batches:
+        assert [lengths[i] for i in batch] == sorted(lengths[i] for i in batch)
+        for world in (1, 2, 4):
+            shards = [micro_batches(batch, 1, rank, world) for rank in range(world)]
+            assert sorted(i for shard in shards for micro in shard for i in micro) == sorted(batch)
+            assert {len(shard) for shard in shards} == {4 // world}
+
+
+def test_launch_commands_and_no_recursion(monkeypatch):
+    torchrun = launch_command(["train", "x.yaml"], launcher="torchrun", nproc=2)
+    assert torchrun[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "-m", "character_baker", "train", "x.yaml"]
+    accelerate = launch_command(["train"], launcher="accelerate", nproc=4)
+    assert accelerate[1:5] == ["-m", "accelerate.commands.launch", "--num_processes", "4"]
+    assert "--multi_gpu" in accelerate and accelerate[-3:] == ["-m", "character_baker", "train"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert relaunch(["train"], launcher="torchrun", nproc=2) is None  # already launched: do the work here
+    monkeypatch.delenv("WORLD_SIZE")
+    assert relaunch(["train"], launcher=None, nproc=1) is None
+
+
+def test_two_cpu_processes_match_one_process_on_the_same_global_batch(tmp_path, tiny_tok):
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(WORKER))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src")]),
+           "CUDA_VISIBLE_DEVICES": ""}
+    command = launch_command([str(tmp_path / "two")], launcher="torchrun", nproc=2, program=[str(script)])
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    one = RunDir.create(tmp_path / "one")
+    train_dpo(one, toy_records(8), tiny_model("llama", tiny_tok), tiny_tok, toy_config(micro_batch_size=4))
+
+    two_log, one_log = read_jsonl(tmp_path / "two" / "logs" / "distill.jsonl"), read_jsonl(one.path("logs", "distill.jsonl"))
+    assert "2 process(es)" in done.stdout and [r["step"] for r in two_log] == [r["step"] for r in one_log] == [1, 2]
+    for a, b in zip(two_log, one_log):
+        for key in ("loss", "dpo_loss", "nll_loss", "kl", "reward_margin", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+        assert a["tokens"] == b["tokens"]
+    two_adapter = load_file(tmp_path / "two" / "adapters" / "distill" / "adapter_model.safetensors")
+    one_adapter = load_file(one.path("adapters", "distill", "adapter_model.safetensors"))
+    for key in one_adapter:
+        torch.testing.assert_close(two_adapter[key], one_adapter[key], rtol=1e-4, atol=1e-5)
