@@ -60,12 +60,63 @@ def print_stage_summary(name: str, entry: dict) -> None:
     console.print(table)
 
 
-def distill(constitution: Path = ConstitutionArg, run: Optional[Path] = RunOption,
+LauncherOption = typer.Option(None, "--launcher", help="Train in several processes: 'torchrun' or 'accelerate' "
+                                                        "(DDP; FSDP through an accelerate config).")
+NprocOption = typer.Option(1, "--nproc", help="Processes for --launcher (e.g. one per GPU).")
+
+
+def train_stage_with_launcher(ctx, stage: str, argv: list[str], launcher: Optional[str], nproc: int,
+                              force: bool) -> None:
+    """Run a training stage here, or re-run this command under a launcher for that stage only."""
+    from character_baker.stages.training.launch import relaunch
+
+    code = relaunch([*argv, "--skip-data"], launcher=launcher, nproc=nproc)
+    if code is None:
+        run_stages(ctx, [stage], force=force)
+    elif code != 0:
+        raise typer.Exit(code)
+    else:
+        print_stage_summary(stage, ctx.run.stage(stage))
+
+
+def distill(ctx_typer: typer.Context, constitution: Path = ConstitutionArg, run: Optional[Path] = RunOption,
             preset: Optional[str] = PresetOption, recipe: Optional[Path] = RecipeOption,
             sets: Optional[list[str]] = SetOption, model: Optional[str] = ModelOption,
             data_only: bool = typer.Option(False, "--data-only", help="Build data/distill.jsonl and stop before training."),
+            skip_data: bool = typer.Option(False, "--skip-data", help="Train on the existing data/distill.jsonl."),
+            launcher: Optional[str] = LauncherOption, nproc: int = NprocOption,
             force: bool = ForceOption) -> None:
-    """Build chosen/rejected pairs (teacher with the constitution vs the student) for DPO."""
+    """Build chosen/rejected pairs (teacher with the constitution vs the student) and train a LoRA with DPO."""
+    from character_baker.core.errors import UserError
+
+    if data_only and skip_data:
+        raise UserError.single("<command line>", "--data-only/--skip-data", "the two flags exclude each other",
+                               "use --data-only to build pairs, --skip-data to train on existing pairs")
     ctx = build_context(constitution, run, preset, recipe, sets, model)
-    run_stages(ctx, ["prompts", "distill_data"], force=force)
-    console.print(f"pairs: {ctx.run.path('data/distill.jsonl')}")
+    if not skip_data:
+        run_stages(ctx, ["prompts", "distill_data"], force=force)
+    if data_only:
+        console.print(f"pairs: {ctx.run.path('data/distill.jsonl')}")
+        return
+    argv = [arg for arg in _command_argv(ctx_typer) if arg not in ("--skip-data",)]
+    train_stage_with_launcher(ctx, "distill", argv, launcher, nproc, force)
+    console.print(f"adapter: {ctx.run.path('adapters/distill')}")
+
+
+def _command_argv(ctx_typer: typer.Context) -> list[str]:
+    """This command's own argv (command name first), without the launcher options."""
+    import sys
+
+    args = list(sys.argv[1:]) if ctx_typer.obj is None else list(ctx_typer.obj)
+    cleaned, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--launcher", "--nproc"):
+            skip = True
+            continue
+        if arg.startswith(("--launcher=", "--nproc=")):
+            continue
+        cleaned.append(arg)
+    return cleaned

@@ -152,6 +152,9 @@ class DistillConfig(TrainingConfig):
     kl_coef: float = Field(0.001, ge=0, description="Per-token KL to the reference on chosen tokens, k3 estimator: mean of "
                                                     "exp(r) - r - 1 with r = log p_ref - log p_policy per token (reference "
                                                     "log-probs cached before training). Published: 0.001.")
+    heldout_fraction: float = Field(0.05, ge=0.0, lt=1.0,
+                                    description="Share of prompts (all their pairs) held out of training to measure "
+                                                "reward accuracy and margin after it.")
     thinking_prefill: bool = Field(False, description="Reasoning teachers: prefill a thought that recalls the traits.")
     teacher_name: str | None = Field(None, description="The teacher's own name, replaced by the persona's name in its answers.")
     filters: list[Literal["empty", "truncated", "over_token_budget", "duplicate", "assistant_phrase",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from pathlib import Path
@@ -43,12 +44,19 @@ def record_run_metadata(ctx: StageContext) -> None:
         recipe=ctx.recipe.model_dump(mode="json"), versions=library_versions())
 
 
+def is_main_process() -> bool:
+    """False in the non-zero ranks of a multi-process launch (only rank 0 writes the manifest)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def run_stage(stage: Stage, ctx: StageContext, *, force: bool = False) -> tuple[StageResult | None, dict[str, Any]]:
     """Run `stage` unless its inputs are unchanged; record status, hashes, timings; return (result, entry)."""
     inputs_hash = stage_inputs_hash(stage, ctx)
     if not force and ctx.run.is_stage_current(stage.name, inputs_hash):
         ctx.log(f"[{stage.name}] inputs unchanged since the last run: skipped")
         return None, ctx.run.stage(stage.name)
+    if not is_main_process():  # every rank trains; rank 0 alone keeps the manifest
+        return stage.run(ctx), {}
     record_run_metadata(ctx)
     ctx.run.set_stage(stage.name, status="running", inputs_hash=inputs_hash, started=time.time())
     started = time.perf_counter()

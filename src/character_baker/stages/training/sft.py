@@ -24,6 +24,7 @@ from character_baker.core.errors import UserError
 from character_baker.core.runs import RunDir, read_jsonl
 from character_baker.core.stage import StageContext, StageResult
 from character_baker.stages.training.batching import Batch, collate_sequences
+from character_baker.stages.training.push_pull import balance_callbacks, push_pull_losses
 from character_baker.stages.training.tokenize import TokenizedSequence, tokenize_conversations
 from character_baker.stages.training.trainer import ExtraLoss, run_training, sum_counts
 
@@ -94,7 +95,9 @@ def run(ctx: StageContext) -> StageResult:
                                "generate it with `character-baker introspect` (every example may have been filtered: "
                                "see data/introspection.filtered.jsonl)")
     model, tokenizer = load_distilled_model(ctx.run, ctx.recipe.models)
+    regularisers = push_pull_losses(ctx.recipe, ctx.run, STAGE)
     result = train_sft(ctx.run, records, model, tokenizer, ctx.recipe.introspect, console=ctx.console,
+                       extra_losses=regularisers, callbacks=balance_callbacks(regularisers),
                        base_model=ctx.recipe.models.base)
     final = result["final_metrics"]
     summary = {"examples": result["sequences"], "dropped_too_long": result["dropped_too_long"],
