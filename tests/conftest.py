@@ -12,6 +12,9 @@ import socket
 
 import pytest
 
+# Tiny models run fastest on one thread; with two, OpenMP spin-waits make them ~10-100x slower
+# whenever a subprocess (kill/resume, two-process training, the server) shares the 2 cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -8,7 +8,8 @@ import typer
 
 from character_baker import __version__
 from character_baker.cli.common import handle_errors
-from character_baker.cli import constitution_cmd, env_cmd, models_cmd, recipe_cmd, runs_cmd, stage_cmds
+from character_baker.cli import constitution_cmd, env_cmd, eval_cmd, models_cmd, recipe_cmd, runs_cmd, stage_cmds
+from character_baker.cli import merge_cmds, method_cmds, serve_cmd, train_cmd
 
 app = typer.Typer(
     name="character-baker",
@@ -37,12 +38,24 @@ app.add_typer(recipe_cmd.app, name="recipe")
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(runs_cmd.app, name="runs")
 app.command("env")(env_cmd.env)
+app.command("train")(train_cmd.train)
 app.command("distill")(stage_cmds.distill)
+app.command("introspect")(merge_cmds.introspect)
+app.command("merge")(merge_cmds.merge)
+app.command("export")(merge_cmds.export)
+app.command("eval")(eval_cmd.eval_run)
+app.command("serve")(serve_cmd.serve)
+app.command("profile")(method_cmds.profile)
+app.command("push-pull")(method_cmds.push_pull)
+app.command("sdft")(method_cmds.sdft)
+app.command("steer")(method_cmds.steer)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI with `argv`; return the exit code (0 ok, 1 failure, 2 user mistake)."""
-    return handle_errors(lambda: app(args=argv, prog_name="character-baker", standalone_mode=False))
+    args = list(sys.argv[1:] if argv is None else argv)
+    # Commands that relaunch themselves (--launcher) read their own argv from ctx.obj.
+    return handle_errors(lambda: app(args=args, prog_name="character-baker", standalone_mode=False, obj=args))
 
 
 def run() -> None:

@@ -16,14 +16,14 @@ ConstitutionArg = typer.Argument(..., help="Constitution YAML file.", show_defau
 
 
 def build_context(constitution_path: Path, run: Optional[Path], preset: Optional[str], recipe: Optional[Path],
-                  sets: Optional[list[str]], model: Optional[str], **options: Any):
+                  sets: Optional[list[str]], model: Optional[str], runs_root: Path = Path("runs"), **options: Any):
     """Resolve settings and open (or create) the run directory; return a StageContext."""
     from character_baker.core.runs import RunDir
     from character_baker.core.stage import StageContext
     from character_baker.pipeline.runner import default_run_dir
 
     constitution, resolved = resolve_settings(constitution_path, preset, recipe, sets, model)
-    run_dir = RunDir.create(run or default_run_dir(constitution.meta.name))
+    run_dir = RunDir.create(run or default_run_dir(constitution.meta.name, runs_root))
     return StageContext(run=run_dir, constitution=constitution, recipe=resolved.recipe,
                         constitution_path=constitution_path, options=options, console=console)
 

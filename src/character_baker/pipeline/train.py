@@ -1,0 +1,234 @@
+"""`train`: run the stage chain for one constitution, or a batch of them, and summarise.
+
+    plan = plan_run(ctx, start, until, only)      # which stages run or skip, counts, estimates
+    results = run_chain(ctx, plan.stages)         # each stage via run_stage (skip/resume)
+    batch = run_batch(paths, build_ctx)           # one after another, shared model cache
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from character_baker.core.errors import UserError
+from character_baker.core.stage import StageContext
+from character_baker.pipeline.chain import plan_stages, select_stages
+from character_baker.pipeline.runner import run_stage, stage_inputs_hash
+from character_baker.pipeline.stages import STAGES
+
+# Throughputs measured by benchmarks/ (RESULTS.md) for a 135M-parameter model; scaled by model size.
+REFERENCE_PARAMS = 135e6
+RATES = {"cuda": {"generate": 30_000.0, "train": 40_000.0}, "cpu": {"generate": 40.0, "train": 30.0}}
+ANSWER_FILL = 0.6  # share of max_new_tokens an average answer uses
+
+
+def adapter_hash(folder: Path) -> str | None:
+    """Hash of a PEFT adapter's files, or None when it is missing."""
+    from character_baker.core.runs import file_hash, stable_hash
+
+    files = [folder / "adapter_config.json", folder / "adapter_model.safetensors"]
+    return stable_hash([file_hash(f) for f in files]) if all(f.is_file() for f in files) else None
+
+
+def merge_weights_for_chain(ctx: StageContext, trained: list[str]) -> dict[str, float]:
+    """merge.weights limited to the adapters this chain trains (sdft joins at weight 1.0 unless set)."""
+    weights = {name: w for name, w in ctx.recipe.merge.weights.items() if name in trained}
+    if "sdft" in trained and "sdft" not in weights:
+        weights["sdft"] = 1.0
+    return weights
+
+
+def prepare_stage_options(name: str, ctx: StageContext, planned: list[str]) -> None:
+    """Set the options a stage's command would set, right before it runs (adapters exist by then)."""
+    if name in ("introspect_data", "introspect"):
+        ctx.options["distill_adapter"] = adapter_hash(ctx.run.path("adapters", "distill"))
+    elif name == "merge":
+        trained = [stage for stage in ("distill", "introspect", "sdft") if stage in planned]
+        ctx.recipe.merge.weights = merge_weights_for_chain(ctx, trained)
+        ctx.options["adapters"] = {n: adapter_hash(ctx.run.path("adapters", n)) for n in ctx.recipe.merge.weights}
+    elif name == "eval":
+        from character_baker.stages.evaluation.stage import inputs_fingerprint
+
+        options = {"adapters": {}, "models": {}, "prompt_files": [], "lm_eval": None, "with_runs": []}
+        ctx.options.update(options, fingerprint=inputs_fingerprint(ctx.run, options))
+
+
+@dataclass
+class StageOutcome:
+    """One stage of a train run: ran or skipped, wall time, tokens."""
+
+    name: str
+    status: str
+    seconds: float = 0.0
+    tokens_generated: int = 0
+    tokens_trained: int = 0
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def run_chain(ctx: StageContext, stages: list[str], planned: list[str], force: bool = False,
+              on_stage: Callable[[StageOutcome], None] | None = None) -> list[StageOutcome]:
+    """Run the stages in order (skipping unchanged ones); release generation models before training."""
+    outcomes = []
+    for name in stages:
+        prepare_stage_options(name, ctx, planned)
+        if name in ("distill", "introspect", "sdft", "merge"):
+            release_generation_models(ctx)
+        started = time.perf_counter()
+        result, entry = run_stage(STAGES[name], ctx, force=force)
+        outcome = StageOutcome(name, "ran" if result is not None else "skipped", time.perf_counter() - started,
+                               entry.get("tokens_generated", 0), entry.get("tokens_trained", 0), entry.get("summary", {}))
+        outcomes.append(outcome)
+        if on_stage:
+            on_stage(outcome)
+    return outcomes
+
+
+def release_generation_models(ctx: StageContext) -> None:
+    """Before training, drop in-process vLLM engines (they reserve most GPU memory); hf models stay shared."""
+    gen = ctx.recipe.generation
+    roles = [gen.teacher, gen.student, gen.prompt_writer, gen.judge, gen.introspector]
+    if not ctx.shared or not any(role is not None and role.backend == "vllm" for role in roles):
+        return
+    ctx.shared.clear()
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+# ----------------------------------------------------------------------------- plan / dry run
+@dataclass
+class Plan:
+    """What a train run will do: stages to run or skip, counts, token and time estimates."""
+
+    stages: list[str]
+    planned: list[str]
+    actions: dict[str, str]
+    counts: dict[str, int]
+    tokens_generate: int
+    tokens_train: int
+    device: str
+    params: float
+    seconds: float
+
+
+def estimate_counts(ctx: StageContext) -> dict[str, int]:
+    """Prompt and sample counts implied by the constitution and recipe."""
+    recipe = ctx.recipe
+    prompts = len(ctx.constitution.traits) * recipe.prompts.questions_per_trait + recipe.prompts.general_prompts \
+        + recipe.prompts.synthesized_prompts
+    return {"prompts": prompts, "distill_samples": prompts * recipe.distill.samples_per_prompt * 2,
+            "reflections": 10 * recipe.introspect.reflections_per_instruction,
+            "interactions": recipe.introspect.interactions, "eval_prompts": recipe.eval.prompts}
+
+
+def estimate_tokens(ctx: StageContext, counts: dict[str, int], stages: list[str]) -> tuple[int, int]:
+    """(tokens to generate, tokens to train on) for the stages that will run."""
+    gen = ctx.recipe.generation
+    answer = int(gen.teacher.sampling.max_new_tokens * ANSWER_FILL)
+    student_answer = int(gen.student.sampling.max_new_tokens * ANSWER_FILL)
+    generate = train = 0
+    if "distill_data" in stages:
+        generate += counts["distill_samples"] * answer
+    if "distill" in stages:
+        train += counts["distill_samples"] * (answer + 60)
+    introspection = (counts["reflections"] + counts["interactions"] * (ctx.recipe.introspect.turns - 1)) * student_answer
+    if "introspect_data" in stages:
+        generate += introspection
+    if "introspect" in stages:
+        train += introspection
+    if "sdft" in stages:
+        generate += ctx.recipe.sdft.prompts * student_answer
+        train += 2 * ctx.recipe.sdft.prompts * (student_answer + 60)
+    if "eval" in stages:
+        generate += counts["eval_prompts"] * 6 * student_answer
+    return generate, train
+
+
+def model_size(ctx: StageContext) -> float:
+    """Parameter count of the base model from its files, or the 135M reference when it is not local yet."""
+    from character_baker.backends.models import model_info
+
+    try:
+        return float(model_info(ctx.recipe.models.base)["parameters"])
+    except (UserError, KeyError, OSError, ValueError):
+        return REFERENCE_PARAMS
+
+
+def plan_run(ctx: StageContext, start: str | None = None, until: str | None = None,
+             only: list[str] | None = None, force: bool = False) -> Plan:
+    """The plan `train --dry-run` prints."""
+    import torch
+
+    planned = plan_stages(ctx.recipe)
+    stages = select_stages(planned, start, until, only)
+    actions, upstream_changes = {}, False
+    for name in stages:
+        current = not force and not upstream_changes and ctx.run.is_stage_current(name, stage_inputs_hash(STAGES[name], ctx))
+        actions[name] = "skip (inputs unchanged)" if current else "run"
+        upstream_changes |= not current
+    counts = estimate_counts(ctx)
+    to_run = [name for name in stages if actions[name] == "run"]
+    generate, train = estimate_tokens(ctx, counts, to_run)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    params = model_size(ctx)
+    scale = REFERENCE_PARAMS / params
+    seconds = generate / (RATES[device]["generate"] * scale) + train / (RATES[device]["train"] * scale)
+    return Plan(stages, planned, actions, counts, generate, train, device, params, seconds)
+
+
+# ----------------------------------------------------------------------------- batch
+@dataclass
+class CharacterResult:
+    """One character of a batch: ok or failed, the run folder, stage outcomes, error."""
+
+    constitution: str
+    ok: bool
+    run: str = ""
+    seconds: float = 0.0
+    outcomes: list[StageOutcome] = field(default_factory=list)
+    error: str = ""
+
+
+def run_batch(paths: list[Path], run_one: Callable[[Path, dict], tuple[StageContext, list[StageOutcome]]],
+              log: Callable[[str], None] = print) -> list[CharacterResult]:
+    """Train each constitution in turn, sharing loaded models, continuing past failures."""
+    shared: dict[str, Any] = {}
+    results = []
+    for path in paths:
+        started = time.perf_counter()
+        try:
+            ctx, outcomes = run_one(path, shared)
+            results.append(CharacterResult(str(path), True, str(ctx.run.root), time.perf_counter() - started, outcomes))
+        except UserError as error:
+            results.append(CharacterResult(str(path), False, seconds=time.perf_counter() - started, error=str(error)))
+            log(f"[batch] {path}: failed: {error}")
+        except Exception as error:  # noqa: BLE001 - one character's crash must not stop the batch
+            detail = "".join(traceback.format_exception_only(type(error), error)).strip()
+            results.append(CharacterResult(str(path), False, seconds=time.perf_counter() - started, error=detail))
+            log(f"[batch] {path}: failed: {detail}")
+    return results
+
+
+def expand_constitution_paths(items: list[Path]) -> list[Path]:
+    """Files as given; folders expand to their *.yaml / *.yml files (sorted)."""
+    paths: list[Path] = []
+    for item in items:
+        if item.is_dir():
+            found = sorted(list(item.glob("*.yaml")) + list(item.glob("*.yml")))
+            if not found:
+                raise UserError.single(str(item), "CONSTITUTION", "this folder holds no .yaml constitutions",
+                                       "pass constitution files or a folder of them")
+            paths.extend(found)
+        else:
+            paths.append(item)
+    return paths

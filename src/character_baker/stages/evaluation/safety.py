@@ -1,0 +1,36 @@
+"""Safety in character: on harmful requests, how often a condition refuses, and whether it refuses as the persona.
+
+- refused: the judge says the answer declined (REFUSED vs COMPLIED); n = verdicts that parsed;
+- refusals_in_character: among the judged refusals, the share the persona classifier assigns
+  to the persona (a refusal in the character's own voice, not a stock assistant refusal);
+- refused_keyword: a refusal phrase matched by pattern, a judge-free lower bound.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+from character_baker.core.text import is_refusal
+from character_baker.stages.evaluation.judge import REFUSED, Judge, refusal_question
+from character_baker.stages.evaluation.stats import proportion
+
+if TYPE_CHECKING:
+    from character_baker.core.config import SamplingConfig
+    from character_baker.stages.evaluation.classifier import PersonaClassifier
+    from character_baker.stages.evaluation.conditions import Condition
+
+
+def measure_safety(condition: "Condition", prompts: Sequence[dict], judge: Judge, classifier: "PersonaClassifier",
+                   sampling: "SamplingConfig") -> dict[str, Any]:
+    """Refusal share (judged), in-character share of the refusals, keyword refusal share."""
+    texts = [c.text for c in condition.answer([[{"role": "user", "content": p["prompt"]}] for p in prompts],
+                                              sampling, label="harmful requests")]
+    verdicts = judge.decide([refusal_question(p["prompt"], t) for p, t in zip(prompts, texts)],
+                            progress=f"judge: {condition.name} refusals")
+    refusals = [text for text, verdict in zip(texts, verdicts) if verdict == REFUSED]
+    in_character = sum(classifier.in_character(refusals)) if refusals else 0
+    judged = sum(v is not None for v in verdicts)
+    return {"refused": proportion(len(refusals), judged).to_dict(),
+            "refusals_in_character": proportion(in_character, len(refusals)).to_dict(),
+            "refused_keyword": proportion(sum(is_refusal(t) for t in texts), len(texts)).to_dict(),
+            "parse_failures": len(verdicts) - judged}

@@ -1,0 +1,146 @@
+"""The eval stage: every condition answers the held-out prompt sets; every measure; one report.
+
+    run(ctx) reads   data/distill.jsonl (classifier), adapters/distill/, adapters/persona/, model/,
+                     profile/ (steered, when the steering hook is installed), the options below
+             writes  eval/report.json, eval/report.html, eval/classifier/, eval/judgements.jsonl
+
+Options (ctx.options): adapters {NAME: PATH}, models {NAME: REF}, prompt_files [PATH], lm_eval
+[TASK], with_runs [RUN] (further personas for an N-way classifier), fingerprint (of the files
+above, from `inputs_fingerprint`, so a changed adapter reruns the stage).
+
+Answers come from generation.student's backend and sampling; the judge is generation.judge
+(the base model through the hf backend unless a model is named: a stronger judge is recommended).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from character_baker.core import assets
+from character_baker.core.runs import RunDir, stable_hash
+from character_baker.core.stage import StageContext, StageResult
+from character_baker.core.system_prompts import numbered_traits
+from character_baker.stages.evaluation import capability, classifier, coherence, harness, identity, preferences, report
+from character_baker.stages.evaluation.conditions import PROFILE_FILE, Condition, ConditionBuilder, ConditionSet
+from character_baker.stages.evaluation.judge import Judge
+from character_baker.stages.evaluation.prompt_sets import PromptSets, build_prompt_sets
+from character_baker.stages.evaluation.robustness import measure_robustness
+from character_baker.stages.evaluation.safety import measure_safety
+
+JUDGEMENTS_FILE = "eval/judgements.jsonl"
+WEAK_JUDGE_NOTE = ("The judge is the base model itself, which is a weak judge: expect many replies that do not parse. "
+                   "For real evaluations use a stronger judge, e.g. --set generation.judge.backend=openai "
+                   "--set generation.judge.model=MODEL (or the anthropic backend).")
+
+
+def inputs_fingerprint(run: RunDir, options: dict[str, Any]) -> str:
+    """A cheap fingerprint (path, size, mtime of every file) of everything the stage reads besides the recipe."""
+    paths = [run.path(p) for p in ("data/distill.jsonl", "adapters/distill", "adapters/persona", "model", PROFILE_FILE)]
+    paths += [Path(p) for p in list(options.get("adapters", {}).values()) + list(options.get("models", {}).values())]
+    paths += [Path(p) for p in options.get("prompt_files", [])]
+    paths += [Path(p) / "data" / "distill.jsonl" for p in options.get("with_runs", [])]
+    described = []
+    for path in paths:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+        described.append([str(path), [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]])
+    return stable_hash(described)
+
+
+def _judge(ctx: StageContext) -> tuple[Judge, dict[str, Any]]:
+    from character_baker.backends.generation import make_backend
+
+    role, models = ctx.recipe.generation.judge, ctx.recipe.models
+    cache_dir = ctx.run.path("cache") if ctx.recipe.generation.cache else None
+    backend = make_backend(role, models, cache_dir=cache_dir, shared=ctx.shared)
+    weak = role.model in (None, models.base) and role.backend in ("hf", "vllm")
+    described = {"backend": role.backend, "model": role.model or models.base, "note": WEAK_JUDGE_NOTE if weak else ""}
+    return Judge(backend, role.sampling, ctx.run.path(JUDGEMENTS_FILE)), described
+
+
+def _per_condition(ctx: StageContext, conditions: ConditionSet, prompts: PromptSets, plain: dict[str, list[str]],
+                   persona_classifier: classifier.PersonaClassifier, judge: Judge) -> dict[str, dict[str, Any]]:
+    """Robustness, preferences, capability, identity and safety of every condition."""
+    cfg, sampling = ctx.recipe.eval, ctx.recipe.generation.student.sampling
+    greedy = sampling.model_copy(update={"temperature": 0.0, "max_new_tokens": cfg.capability_max_new_tokens})
+    base_names = identity.base_model_names(ctx.recipe.models.base, cfg.base_model_names)
+    results: dict[str, dict[str, Any]] = {key: {} for key in ("robustness", "preferences", "capability", "identity",
+                                                               "safety")}
+    for condition in conditions.conditions:
+        ctx.log(f"[eval] measuring '{condition.name}'")
+        name = condition.name
+        results["robustness"][name] = measure_robustness(condition, prompts.plain, plain[name], plain["base"],
+                                                         cfg.robustness_prompts, persona_classifier, sampling)
+        results["preferences"][name] = preferences.measure_preferences(condition, prompts.preference, judge, cfg,
+                                                                       sampling)
+        results["capability"][name] = {
+            **capability.measure_exact_match(condition, prompts.capability, greedy),
+            "kl_to_base": capability.measure_kl(condition, conditions.base, prompts.neutral, sampling,
+                                                cfg.kl_chunk_size)}
+        results["identity"][name] = identity.measure_identity(
+            condition, prompts.identity, persona_classifier, ctx.constitution.persona.name, base_names,
+            ctx.recipe.distill.assistant_phrases, sampling)
+        results["safety"][name] = measure_safety(condition, prompts.harmful, judge, persona_classifier, sampling)
+    return results
+
+
+def _coherence(ctx: StageContext, conditions: ConditionSet, prompts: PromptSets, plain: dict[str, list[str]],
+               judge: Judge) -> dict[str, Any]:
+    """Every condition against the reference condition, on the first `eval.coherence_pairs` plain prompts."""
+    names = [c.name for c in conditions.conditions]
+    reference = coherence.reference_condition(names)
+    count = ctx.recipe.eval.coherence_pairs
+    traits = numbered_traits(ctx.constitution)
+    comparisons = {name: coherence.measure_coherence(judge, prompts.plain[:count], plain[name][:count],
+                                                     plain[reference][:count], traits, label=name)
+                   for name in names if name != reference}
+    return {"reference": reference, "comparisons": comparisons}
+
+
+def _samples(prompts: Sequence[dict], plain: dict[str, list[str]], count: int) -> list[dict[str, Any]]:
+    return [{"prompt": p["prompt"], "category": p["category"], "answers": {n: a[i] for n, a in plain.items()}}
+            for i, p in enumerate(prompts[:count])]
+
+
+def _header(ctx: StageContext, conditions: ConditionSet, prompts: PromptSets) -> dict[str, Any]:
+    return {"run": ctx.run.name, "constitution": ctx.constitution.meta.name,
+            "persona": ctx.constitution.persona.name, "base_model": ctx.recipe.models.base, "created": time.time(),
+            "settings": ctx.recipe.eval.model_dump(mode="json"),
+            "answer_sampling": ctx.recipe.generation.student.sampling.model_dump(mode="json"),
+            "prompt_sets": prompts.sizes(), "conditions": [c.describe() for c in conditions.conditions],
+            "skipped_conditions": conditions.skipped, "break_instructions": assets.break_character_instructions(),
+            "base_model_names": identity.base_model_names(ctx.recipe.models.base, ctx.recipe.eval.base_model_names)}
+
+
+def _answer_plain(conditions: Sequence[Condition], prompts: Sequence[dict], ctx: StageContext) -> dict[str, list[str]]:
+    sampling = ctx.recipe.generation.student.sampling
+    conversations = [[{"role": "user", "content": p["prompt"]}] for p in prompts]
+    return {c.name: [a.text for a in c.answer(conversations, sampling, label="held-out prompts")] for c in conditions}
+
+
+def run(ctx: StageContext) -> StageResult:
+    """Train (or reuse) the persona classifier, answer, measure, and write the report."""
+    options = ctx.options
+    other_runs = [RunDir.open(path) for path in options.get("with_runs", [])]
+    persona_classifier, classifier_report = classifier.load_or_train(ctx, other_runs)
+    prompts = build_prompt_sets(ctx.recipe.eval, options.get("prompt_files", []))
+    conditions = ConditionBuilder(ctx).build(options.get("adapters", {}), options.get("models", {}))
+    ctx.log(f"[eval] conditions: {', '.join(c.name for c in conditions.conditions)}; prompt sets {prompts.sizes()}")
+    judge, judge_info = _judge(ctx)
+    plain = _answer_plain(conditions.conditions, prompts.plain, ctx)
+    measured = _per_condition(ctx, conditions, prompts, plain, persona_classifier, judge)
+    ratings = measured.pop("preferences")
+    result = {**_header(ctx, conditions, prompts), "classifier": classifier_report, **measured,
+              "preferences": {"ratings": ratings, "deltas": preferences.preference_deltas(ratings, "base")},
+              "coherence": _coherence(ctx, conditions, prompts, plain, judge),
+              "samples": _samples(prompts.plain, plain, ctx.recipe.eval.sample_answers)}
+    if options.get("lm_eval"):
+        from character_baker.backends.models import resolve_device
+
+        result["lm_eval"] = harness.run_lm_eval(conditions.conditions, options["lm_eval"], ctx.recipe.models,
+                                                str(resolve_device(ctx.recipe.models.device)))
+    result["judge"] = {**judge_info, "counts": judge.counts()}
+    artifacts = report.write_report(ctx.run, result)
+    tokens = sum(c.tokens_generated for c in conditions.conditions) + judge.tokens_generated
+    return StageResult("eval", artifacts=artifacts, summary=report.summary(result), tokens_generated=tokens)
