@@ -130,3 +130,17 @@ def test_loss_value_matches_full_vocabulary_forwards_and_teacher_has_no_gradient
     grads = [p.grad for name, p in scorer.named_parameters() if "lora_" in name]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
     assert all(p.grad is None for name, p in scorer.named_parameters() if "lora_" not in name)
+
+
+def test_chunked_divergence_accepts_float32_hidden_states_with_a_bf16_head():
+    """GPU runs keep weights in bf16 while the scorer hands over float32 hidden states."""
+    import torch
+
+    from character_baker.stages.training.sdft import chunked_divergence
+
+    head = torch.nn.Linear(8, 16, bias=False).to(torch.bfloat16)
+    hidden = torch.randn(5, 8, requires_grad=True)
+    divergence = chunked_divergence(hidden, hidden.detach().clone(), head, "reverse_kl", chunk_size=2)
+    assert divergence.shape == (5,) and torch.allclose(divergence.float(), torch.zeros(5), atol=1e-2)
+    divergence.sum().backward()
+    assert hidden.grad is not None

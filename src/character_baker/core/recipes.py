@@ -43,10 +43,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 100M-1B models on one GPU (or patiently on a CPU).
     "small": {
         "prompts": {"questions_per_trait": 20, "general_prompts": 300, "synthesized_prompts": 50},
-        "generation": {"teacher": {"batch_size": 256, "sampling": {"max_new_tokens": 256}},
-                       "student": {"batch_size": 256, "sampling": {"max_new_tokens": 256}},
+        "generation": {"teacher": {"batch_size": 256, "sampling": {"max_new_tokens": 512}},
+                       "student": {"batch_size": 256, "sampling": {"max_new_tokens": 512}},
                        "prompt_writer": {"batch_size": 256}, "judge": {"batch_size": 256}},
-        "distill": {"samples_per_prompt": 2, "batch_size": 16, "micro_batch_size": 8, "max_length": 768},
+        # Small models take ~30-80 optimiser steps here; the published lr (tuned for 7-8B) barely moves them.
+        "distill": {"samples_per_prompt": 2, "batch_size": 16, "micro_batch_size": 8, "max_length": 1024,
+                    "learning_rate": 2e-4, "epochs": 2},
         "introspect": {"reflections_per_instruction": 50, "interactions": 100, "turns": 6, "batch_size": 16,
                        "micro_batch_size": 4, "max_length": 2048},
         "sdft": {"prompts": 200, "batch_size": 16, "micro_batch_size": 8},

@@ -75,7 +75,10 @@ def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 def chunked_divergence(hidden: torch.Tensor, teacher_hidden: torch.Tensor, lm_head: nn.Module, kind: Divergence,
                        temperature: float = 1.0, chunk_size: int = 512) -> torch.Tensor:
     """`token_divergence` from hidden states [tokens, hidden], lm_head applied `chunk_size` tokens at a time."""
-    fn = lambda head, h, t: token_divergence(head(h), head(t), kind, temperature)  # noqa: E731 (binds kind, T)
+    def fn(head: nn.Module, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        dtype = head.weight.dtype  # hidden states may arrive upcast to float32; bf16 heads need bf16 inputs
+        return token_divergence(head(h.to(dtype)), head(t.to(dtype)), kind, temperature)
+
     return _chunked(fn, lm_head, chunk_size, hidden, teacher_hidden.detach())
 
 
