@@ -213,3 +213,30 @@ def test_cuda_graph_decoding_matches_plain_generate_and_is_seeded(tiny_tok):
     hot = SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=3)
     assert graphed.generate(CONVERSATIONS, hot, n=2) == graphed.generate(CONVERSATIONS, hot, n=2)
     assert graphed.generate(CONVERSATIONS, hot, n=2) == eager.generate(CONVERSATIONS, hot, n=2)
+
+
+def test_a_shared_prompt_prefix_is_encoded_once_with_the_same_logits(tiny_tok):
+    """Rows sharing a long prefix (a system prompt) give the same first-step logits as a plain prefill."""
+    import torch
+
+    from character_baker.backends.generation import decoding
+    from character_baker.testing import tiny_model
+
+    model = tiny_model("llama", tiny_tok)
+    system = "You are Captain Rook of the Gull's Revenge. " * 12
+    prompts = [tiny_tok.apply_chat_template([{"role": "system", "content": system},
+                                             {"role": "user", "content": question}], add_generation_prompt=True,
+                                            return_dict=False)
+               for question in ("Who are you?", "What is the capital of France, matey?")]
+    prefix = decoding.shared_prefix_length(prompts)
+    assert prefix >= decoding.MIN_SHARED_PREFIX
+
+    def first_logits(shared: int) -> torch.Tensor:
+        ids, real = decoding.prefix_then_left_pad(prompts, shared, 0, torch.device("cpu"))
+        state = decoding._DecodeState(model, ids, real, 4, shared_prefix=shared)
+        with torch.inference_mode():
+            state.prefill()
+        return state.logits
+
+    torch.testing.assert_close(first_logits(prefix), first_logits(0), rtol=1e-4, atol=1e-5)
+    assert decoding.shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # each row keeps a token of its own

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
+MIN_SHARED_PREFIX = 64  # shorter common prefixes are cheaper to recompute than to split the prefill
 STOP_CHECK_EVERY = 8  # decode steps between host syncs that ask "has every row stopped?"
 PACKED_GQA_SDPA = "character_baker_packed_gqa_sdpa"  # our attention function's name in transformers' registry
 
@@ -115,6 +116,11 @@ class StaticKVCache:
         self.values[layer_idx].index_copy_(2, self.write_positions, value_states)
         return self.keys[layer_idx], self.values[layer_idx]
 
+    def broadcast_rows(self, batch: int) -> None:
+        """Copy the single row written so far (a shared prompt prefix) into `batch` rows."""
+        self.keys = [k.expand(batch, *k.shape[1:]).contiguous() for k in self.keys]
+        self.values = [v.expand(batch, *v.shape[1:]).contiguous() for v in self.values]
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens before the current step (only older transformers ask; positions are explicit)."""
         return self.prompt_length
@@ -126,8 +132,10 @@ class StaticKVCache:
 class _DecodeState:
     """The static buffers of one batch's decode loop and the step that advances them."""
 
-    def __init__(self, model: Any, ids: torch.Tensor, real: torch.Tensor, max_new_tokens: int):
+    def __init__(self, model: Any, ids: torch.Tensor, real: torch.Tensor, max_new_tokens: int,
+                 shared_prefix: int = 0):
         batch, prompt_length = ids.shape
+        self.shared_prefix = shared_prefix
         self.model = model
         self.dtype = model.get_input_embeddings().weight.dtype
         self.cache = StaticKVCache(prompt_length + max_new_tokens)
@@ -148,14 +156,26 @@ class _DecodeState:
                             past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return output.logits[:, -1]
 
+    def _prefill_rows(self, ids: torch.Tensor, positions: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Run prompt columns [start, end) of the given rows, writing their keys/values; return last logits."""
+        causal = torch.ones(end, self.cache.max_length, dtype=torch.bool, device=ids.device).tril_()[start:]
+        mask = self.mask[: ids.shape[0]].expand(-1, -1, end - start, -1)
+        mask = mask.masked_fill(~causal, torch.finfo(self.dtype).min)
+        self.cache.write_positions = torch.arange(start, end, device=ids.device)
+        return self._forward(ids[:, start:end], positions[:, start:end], mask)
+
     def prefill(self) -> None:
-        """Run the prompts through the model, filling the cache and the first logits."""
+        """Run the prompts through the model, filling the cache and the first logits.
+
+        A prefix shared by every row (e.g. the teacher's system prompt) is run once, on one row,
+        and its keys/values copied to all rows; only the rest of each prompt is run per row.
+        """
         ids, positions = self.prompt
-        length = ids.shape[1]
-        causal = torch.ones(length, self.cache.max_length, dtype=torch.bool, device=ids.device).tril_()
-        mask = self.mask.expand(-1, -1, length, -1).masked_fill(~causal, torch.finfo(self.dtype).min)
-        self.cache.write_positions = torch.arange(length, device=ids.device)
-        self.logits = self._forward(ids, positions, mask).float()
+        start = self.shared_prefix
+        if start:
+            self._prefill_rows(ids[:1], positions[:1], 0, start)
+            self.cache.broadcast_rows(ids.shape[0])
+        self.logits = self._prefill_rows(ids, positions, start, ids.shape[1]).float()
         self.cache.write_positions = self.write_position
 
     def step(self) -> None:
@@ -232,10 +252,30 @@ def static_decode(model: Any, prompts: list[list[int]], settings: DecodeSettings
         return _static_decode(model, prompts, settings, seed)
 
 
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """Tokens every prompt starts with, keeping at least one token of each prompt out of it."""
+    first = prompts[0]
+    length = min(len(p) for p in prompts) - 1
+    for prompt in prompts[1:]:
+        length = next((i for i in range(length) if prompt[i] != first[i]), length)
+    return max(length, 0)
+
+
+def prefix_then_left_pad(prompts: list[list[int]], prefix: int, pad_id: int,
+                         device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[shared prefix][left-padded rest] ids and real-token mask (positions stay contiguous per row)."""
+    rest_ids, rest_real = left_pad([p[prefix:] for p in prompts], pad_id, device)
+    head = torch.tensor(prompts[0][:prefix], dtype=torch.long, device=device).expand(len(prompts), -1)
+    return (torch.cat([head, rest_ids], dim=1),
+            torch.cat([torch.ones_like(head, dtype=torch.bool), rest_real], dim=1))
+
+
 def _static_decode(model: Any, prompts: list[list[int]], settings: DecodeSettings, seed: int) -> list[DecodedRow]:
     device = model.get_input_embeddings().weight.device
-    ids, real = left_pad(prompts, settings.pad_id, device)
-    state = _DecodeState(model, ids, real, settings.max_new_tokens)
+    prefix = shared_prefix_length(prompts) if len(prompts) > 1 else 0
+    prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
+    ids, real = prefix_then_left_pad(prompts, prefix, settings.pad_id, device)
+    state = _DecodeState(model, ids, real, settings.max_new_tokens, shared_prefix=prefix)
     generator = torch.Generator(device=device).manual_seed(seed)
     eos = torch.tensor(settings.eos_ids or (-1,), device=device)
     generated = torch.full((len(prompts), settings.max_new_tokens), settings.pad_id, dtype=torch.long, device=device)
