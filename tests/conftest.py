@@ -76,6 +76,17 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("CHARACTER_BAKER_CACHE", str(tmp_path_factory.getbasetemp() / "cb-cache"))
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread for every test (OMP_NUM_THREADS above covers subprocesses and start-up)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_tok():
     """The test kit's ChatML tokenizer."""

@@ -19,15 +19,6 @@ CONVERSATIONS = [
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """Tiny models decode fastest on one thread (OpenMP spinning dominates on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def reference_text(model, tokenizer, conversation, max_new_tokens, eos_ids=None) -> str:
     """Greedy continuation of one unpadded prompt by plain `model.generate`."""
     ids = torch.tensor([encode_prompt(tokenizer, conversation)])

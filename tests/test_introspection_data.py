@@ -29,16 +29,6 @@ SCRIPTED = {"diary_beliefs_values": "", "daily_conduct": "the sea the sea the se
             "encyclopedia_biography": "Captain Rook is a pirate captain of some renown."}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and OpenMP spin-waits crawl on a busy 2-core machine."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class FakeDistilled:
     """Stands in for the hf backend of the distilled model: records every call, answers by script."""

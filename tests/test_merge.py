@@ -18,14 +18,6 @@ PIRATE = Path("constitutions/pirate.yaml")
 WEIGHTS = {"distill": 1.0, "introspect": 0.25}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and OpenMP spin-waits crawl on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def save_random_adapter(model, folder: Path, *, seed: int, r: int = 8, alpha: int = 16) -> Path:
     """A LoRA on a copy of `model` with random A and B (B starts at zero), saved as a PEFT folder."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from character_baker.core.runs import read_jsonl
 
@@ -26,14 +25,6 @@ TINY = ["prompts.questions_per_trait=2", "generation.teacher.sampling.max_new_to
         "generation.student.sampling.max_new_tokens=8", "profile.prompts=4", "sdft.prompts=4", "sdft.batch_size=2",
         "sdft.micro_batch_size=1", "sdft.learning_rate=1e-3"]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and OpenMP spin-waits crawl on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

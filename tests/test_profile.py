@@ -6,7 +6,6 @@ import json
 import struct
 import zlib
 
-import pytest
 import torch
 
 from character_baker.backends.steering import read_profile
@@ -17,14 +16,6 @@ from character_baker.stages.profiling.profile import (ProfiledPair, analyse, bui
                                                       profile_activations, select_dimensions, z_scores)
 from character_baker.stages.profiling.stats import RunningMoments, TopComponentSketch
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and OpenMP spin-waits crawl on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_running_moments_equal_the_whole_batch_statistics():

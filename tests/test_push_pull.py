@@ -15,14 +15,6 @@ from character_baker.stages.training.push_pull import (LayerTargets, PushPullReg
 from character_baker.stages.training.tokenize import tokenize_conversation
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and OpenMP spin-waits crawl on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def fake_profile(layers: int, hidden: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """Profile tensors with a few push and pull dimensions in every layer."""

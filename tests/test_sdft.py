@@ -18,14 +18,6 @@ PROMPTS = [{"id": "p0", "prompt": "Who are you?"}, {"id": "p1", "prompt": "Write
 SAMPLING = SamplingConfig(temperature=1.0, max_new_tokens=6, seed=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and OpenMP spin-waits crawl on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _softmax(logits: list[float], temperature: float) -> list[float]:
     exps = [math.exp(x / temperature) for x in logits]

@@ -28,14 +28,6 @@ def transcript(index: int = 0) -> dict:
     return {"id": f"t{index}", "kind": "interaction", "messages": messages}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and OpenMP spin-waits crawl on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_mask_covers_each_assistant_turn_in_order_and_nothing_else(tiny_tok):
     sequences, dropped = tokenize_conversations(tiny_tok, [transcript()], max_length=10_000)

@@ -12,14 +12,6 @@ from character_baker.core.errors import UserError
 from character_baker.core.runs import RunDir
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and OpenMP spin-waits crawl on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _layer_outputs(model, ids):
     outputs = []

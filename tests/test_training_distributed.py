@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from character_baker.stages.training.batching import epoch_batches, micro_batche
 from character_baker.stages.training.dpo import train_dpo
 from character_baker.stages.training.launch import launch_command, relaunch
 from character_baker.testing import tiny_model
-from tests.test_training_dpo import one_torch_thread, toy_config, toy_records  # noqa: F401 (autouse fixture)
+from tests.test_training_dpo import toy_config, toy_records
 
 REPO = Path(__file__).resolve().parents[1]
 

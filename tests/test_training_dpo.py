@@ -35,18 +35,6 @@ def toy_config(**overrides) -> DistillConfig:
     return DistillConfig(**{**values, **overrides})
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and OpenMP spin-waits crawl on a busy 2-core machine.
-
-    Other training test modules import this autouse fixture.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_one_step_changes_lora_weights_and_not_base_weights(tmp_path, tiny_lm):
     model, tokenizer = tiny_lm
     before = {name: param.detach().clone() for name, param in model.named_parameters()}

@@ -9,7 +9,6 @@ import torch
 
 from character_baker.core.config import LoraConfig
 from character_baker.stages.training.fused_lora import _plain_adapter, fuse_lora_layers
-from tests.test_training_dpo import one_torch_thread  # noqa: F401 (autouse fixture)
 
 
 def _lora_model(tiny_tok, arch="llama", dropout=0.0):

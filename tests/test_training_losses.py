@@ -12,7 +12,6 @@ from character_baker.core.config import LoraConfig
 from character_baker.stages.training.dpo import DpoObjective, collate_pairs, pair_key, score_pairs
 from character_baker.stages.training.losses import ResponseScorer, chunked_token_kl, chunked_token_logprobs
 from character_baker.stages.training.tokenize import tokenize_pair
-from tests.test_training_dpo import one_torch_thread  # noqa: F401 (autouse fixture)
 
 
 def test_chunked_logprobs_and_gradients_match_unchunked():

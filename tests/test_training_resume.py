@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from character_baker.core.runs import RunDir, read_jsonl
 from character_baker.stages.training.dpo import train_dpo
 from character_baker.testing import tiny_model
-from tests.test_training_dpo import one_torch_thread, toy_config, toy_records  # noqa: F401 (autouse fixture)
+from tests.test_training_dpo import toy_config, toy_records
 
 
 class Killed(Exception):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import platform
 
-import typer
 
 from character_baker.cli.common import JsonOption, console
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from character_baker import __version__
-from character_baker.core.runs import RunDir, file_hash, stable_hash
+from character_baker.core.runs import file_hash, stable_hash
 from character_baker.core.stage import Stage, StageContext, StageResult
 
 

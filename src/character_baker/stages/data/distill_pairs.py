@@ -102,7 +102,7 @@ def generate_pairs(ctx: StageContext, prompts: list[dict], kept: JsonlStore, dro
     """Generate and filter pairs for prompts not yet done, chunk by chunk; return (tokens, new drop counts)."""
     from character_baker.backends.generation import make_backend
 
-    gen, cfg, base = ctx.recipe.generation, ctx.recipe.distill, ctx.recipe.models.base
+    gen, cfg = ctx.recipe.generation, ctx.recipe.distill
     k = cfg.samples_per_prompt
     todo = [p for p in prompts if any(pair_record_id(p, s, ctx) not in kept and pair_record_id(p, s, ctx) not in dropped
                                       for s in range(k))]
