@@ -45,7 +45,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "prompts": {"questions_per_trait": 20, "general_prompts": 300, "synthesized_prompts": 50},
         "generation": {"teacher": {"batch_size": 256, "sampling": {"max_new_tokens": 512}},
                        "student": {"batch_size": 256, "sampling": {"max_new_tokens": 512}},
-                       "prompt_writer": {"batch_size": 256}, "judge": {"batch_size": 256}},
+                       "prompt_writer": {"batch_size": 256}, "judge": {"batch_size": 256},
+                       # 100M-class models degenerate into repetition on long free-form reflections.
+                       "introspector": {"batch_size": 256, "sampling": {"max_new_tokens": 256}}},
         # Small models take ~30-80 optimiser steps here; the published lr (tuned for 7-8B) barely moves them.
         "distill": {"samples_per_prompt": 2, "batch_size": 16, "micro_batch_size": 8, "max_length": 1024,
                     "learning_rate": 2e-4, "epochs": 2},
