@@ -112,3 +112,13 @@ def test_set_reaches_inside_optional_sections():
     assert resolved.recipe.generation.introspector.model == "served-persona"
     with pytest.raises(UserError):
         parse_set_overrides(["generation.introspector.modell=x"])
+
+
+def test_shipped_example_recipes_validate(cli):
+    from pathlib import Path
+
+    examples = sorted(Path("examples").glob("*.yaml"))
+    assert examples
+    for example in examples:
+        code, _, err = cli("recipe", "validate", str(example), "--constitution", "constitutions/pirate.yaml")
+        assert code == 0, err

@@ -36,8 +36,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "lora": {"r": 8, "alpha": 16}},
         "profile": {"prompts": 8, "top_n_fallback": 4},
         "merge": {"svd_rank": 8},
-        "eval": {"prompts": 12, "elo_pairs": 8, "coherence_pairs": 4, "robustness_prompts": 2, "identity_prompts": 3,
-                 "harmful_prompts": 3, "capability_items": 8, "capability_max_new_tokens": 16, "kl_prompts": 2,
+        # Every measure runs, on the fewest prompts that exercise it: a 135M model on 2 CPU cores
+        # answers ~5 prompts a second, and eval asks four conditions.
+        "eval": {"prompts": 4, "elo_pairs": 2, "coherence_pairs": 2, "robustness_prompts": 1, "identity_prompts": 2,
+                 "harmful_prompts": 2, "capability_items": 4, "capability_max_new_tokens": 16, "kl_prompts": 1,
                  "bootstrap": 50, "sample_answers": 2},
     },
     # 100M-1B models on one GPU (or patiently on a CPU).
