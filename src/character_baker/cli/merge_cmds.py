@@ -27,10 +27,11 @@ def introspect(constitution: Path = ConstitutionArg, run: Optional[Path] = RunOp
                                               help="Build data/introspection.jsonl and stop before training."),
                force: bool = ForceOption) -> None:
     """Self-reflections and self-interactions by the distilled model, then LoRA SFT on it (needs adapters/distill)."""
-    from character_baker.stages.data.introspection import adapter_files_hash, require_distill_adapter
+    from character_baker.core.runs import adapter_hash
+    from character_baker.stages.data.introspection import require_distill_adapter
 
     ctx = build_context(constitution, run, preset, recipe, sets, model)
-    ctx.options["distill_adapter"] = adapter_files_hash(require_distill_adapter(ctx))
+    ctx.options["distill_adapter"] = adapter_hash(require_distill_adapter(ctx))
     run_stages(ctx, ["introspect_data"] if data_only else ["introspect_data", "introspect"], force=force)
     console.print(f"data: {ctx.run.path('data/introspection.jsonl')}", markup=False)
     if not data_only:
@@ -134,7 +135,7 @@ def merge(run: Path = RunArg, constitution: Optional[Path] = ConstitutionOption,
     """Combine the run's adapters into adapters/persona/ (and model/ when folding); optionally sweep the scale."""
     import json
 
-    from character_baker.stages.merging.export import adapter_fingerprint
+    from character_baker.core.runs import adapter_hash
     from character_baker.stages.merging.sweep import SWEEP_FILE
 
     overrides = list(sets or []) + ([f"merge.mode={mode}"] if mode else []) + ([f"merge.svd_rank={rank}"] if rank else [])
@@ -142,7 +143,7 @@ def merge(run: Path = RunArg, constitution: Optional[Path] = ConstitutionOption,
     if weights is not None:
         ctx.recipe.merge.weights = parse_weights(weights)
     names = list(ctx.recipe.merge.weights)
-    ctx.options["adapters"] = {name: adapter_fingerprint(ctx.run.path("adapters", name)) for name in names}
+    ctx.options["adapters"] = {name: adapter_hash(ctx.run.path("adapters", name)) for name in names}
     stages = ["merge"]
     if scales:
         ctx.options.update(scales=parse_scales(scales), sweep_prompts=sweep_prompts, sweep_tokens=sweep_tokens)

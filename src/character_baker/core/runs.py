@@ -40,6 +40,21 @@ def file_hash(path: str | Path, length: int = 16) -> str:
     return digest.hexdigest()[:length]
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def is_adapter_folder(folder: str | Path) -> bool:
+    """True when `folder` holds a complete PEFT adapter (config and weights)."""
+    return all((Path(folder) / name).is_file() for name in ADAPTER_FILES)
+
+
+def adapter_hash(folder: str | Path) -> str | None:
+    """Hash of a PEFT adapter's config and weights (checkpoints and logs left out); None when incomplete."""
+    if not is_adapter_folder(folder):
+        return None
+    return stable_hash([file_hash(Path(folder) / name) for name in ADAPTER_FILES])
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`."""
     path = Path(path)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from character_baker.core.errors import UserError
+from character_baker.core.runs import adapter_hash
 from character_baker.core.stage import StageContext
 from character_baker.pipeline.chain import plan_stages, select_stages
 from character_baker.pipeline.runner import run_stage, stage_inputs_hash
@@ -23,14 +24,6 @@ from character_baker.pipeline.stages import STAGES
 REFERENCE_PARAMS = 135e6
 RATES = {"cuda": {"generate": 30_000.0, "train": 40_000.0}, "cpu": {"generate": 40.0, "train": 30.0}}
 ANSWER_FILL = 0.6  # share of max_new_tokens an average answer uses
-
-
-def adapter_hash(folder: Path) -> str | None:
-    """Hash of a PEFT adapter's files, or None when it is missing."""
-    from character_baker.core.runs import file_hash, stable_hash
-
-    files = [folder / "adapter_config.json", folder / "adapter_model.safetensors"]
-    return stable_hash([file_hash(f) for f in files]) if all(f.is_file() for f in files) else None
 
 
 def merge_weights_for_chain(ctx: StageContext, trained: list[str]) -> dict[str, float]:

@@ -33,7 +33,7 @@ from typing import Any, Callable
 from character_baker.core import assets
 from character_baker.core.config import BackendConfig, IntrospectConfig, SamplingConfig
 from character_baker.core.errors import UserError
-from character_baker.core.runs import JsonlStore, file_hash, read_jsonl, stable_hash, write_jsonl_atomic
+from character_baker.core.runs import JsonlStore, adapter_hash, is_adapter_folder, read_jsonl, stable_hash, write_jsonl_atomic
 from character_baker.core.stage import StageContext, StageResult
 from character_baker.core.system_prompts import (GUIDANCE_SENTENCES, reflective_system_prompt,
                                                  self_interaction_system_prompt, training_self_interaction_prompt)
@@ -43,7 +43,6 @@ from character_baker.stages.data.distill_pairs import token_counter
 INTROSPECTION_FILE = "data/introspection.jsonl"
 FILTERED_FILE = "data/introspection.filtered.jsonl"
 DISTILL_ADAPTER = "adapters/distill"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 GUIDANCES = tuple(GUIDANCE_SENTENCES)  # ("free", "introspective"): even conversations free, odd introspective
 LOCAL_BACKENDS = ("hf", "vllm")
 CHUNK_ROWS = 256  # samples per generate call: the resume granularity
@@ -66,15 +65,10 @@ class Generator:
         return self.backend.generate(conversations, sampling, n=n, adapter=self.adapter, progress=progress)
 
 
-def adapter_files_hash(folder: Path) -> str:
-    """Hash of a PEFT adapter's config and weights (checkpoints and logs left out)."""
-    return stable_hash([file_hash(folder / name) for name in ADAPTER_FILES])
-
-
 def require_distill_adapter(ctx: StageContext) -> Path:
     """The run's adapters/distill folder; a UserError saying how to make it when it is missing."""
     folder = ctx.run.path(DISTILL_ADAPTER)
-    if not all((folder / name).is_file() for name in ADAPTER_FILES):
+    if not is_adapter_folder(folder):
         constitution = ctx.constitution_path or "CONSTITUTION.yaml"
         raise UserError.single(str(folder), DISTILL_ADAPTER, "this run has no distilled adapter (adapter_config.json "
                                "and adapter_model.safetensors)",
@@ -89,7 +83,7 @@ def distilled_generator(ctx: StageContext) -> Generator:
     gen, base = ctx.recipe.generation, ctx.recipe.models.base
     role = gen.introspector or gen.student
     folder = require_distill_adapter(ctx)
-    adapter_hash = adapter_files_hash(folder)
+    distill_hash = adapter_hash(folder)
     if role.backend not in LOCAL_BACKENDS and gen.introspector is None:
         raise UserError.single("recipe", "generation.introspector", f"the student role uses the {role.backend} "
                                "backend, which cannot switch on adapters/distill",
@@ -99,12 +93,12 @@ def distilled_generator(ctx: StageContext) -> Generator:
                            shared=ctx.shared)
     adapter = None
     if role.backend in LOCAL_BACKENDS:
-        adapter = f"distill-{adapter_hash}"
+        adapter = f"distill-{distill_hash}"
         loaded_key = ("adapter", role.backend, str(role.model or base), adapter)
         if loaded_key not in ctx.shared:
             backend.load_adapter(folder, adapter)
             ctx.shared[loaded_key] = str(folder)
-    identity = {"backend": role.backend, "model": str(role.model or base), "distill_adapter": adapter_hash,
+    identity = {"backend": role.backend, "model": str(role.model or base), "distill_adapter": distill_hash,
                 "sampling": role.sampling.model_dump(mode="json")}
     return Generator(backend, role, adapter, identity)
 

@@ -22,10 +22,9 @@ from typing import Any
 import yaml
 
 from character_baker.core.errors import UserError
-from character_baker.core.runs import RunDir, file_hash, read_jsonl, stable_hash
+from character_baker.core.runs import RunDir, is_adapter_folder, read_jsonl
 from character_baker.core.stage import StageContext
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 PERSONA_ADAPTER = "persona"
 DATA_FILES = {"prompts": "data/prompts.jsonl", "distill pairs": "data/distill.jsonl",
               "introspection examples": "data/introspection.jsonl"}
@@ -39,14 +38,7 @@ def run_adapters(run: RunDir) -> list[str]:
     root = run.path("adapters")
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if all((p / name).is_file() for name in ADAPTER_FILES))
-
-
-def adapter_fingerprint(folder: Path) -> str | None:
-    """Hash of a PEFT adapter's config and weights, or None when the folder is incomplete."""
-    if not all((folder / name).is_file() for name in ADAPTER_FILES):
-        return None
-    return stable_hash([file_hash(folder / name) for name in ADAPTER_FILES])
+    return sorted(p.name for p in root.iterdir() if is_adapter_folder(p))
 
 
 def write_hf_files(model: Any, tokenizer: Any, folder: Path, card: str, max_shard_size: str = "5GB") -> None:
@@ -145,7 +137,7 @@ def merged_model(ctx: StageContext, dtype: str | None = None) -> tuple[Any, Any]
     from character_baker.stages.merging.delta import adapter_factors, fold_into, load_adapters
 
     folder = ctx.run.path("adapters", PERSONA_ADAPTER)
-    if not all((folder / name).is_file() for name in ADAPTER_FILES):
+    if not is_adapter_folder(folder):
         raise UserError.single(str(folder), "adapters/persona", "this run has no merged persona adapter",
                                f"run `character-baker merge {ctx.run.root}` first")
     models = ctx.recipe.models.model_copy(update={"dtype": dtype}) if dtype else ctx.recipe.models

@@ -18,10 +18,11 @@ from typing import Any
 
 from character_baker.core.config import MergeConfig
 from character_baker.core.errors import Problem, UserError
+from character_baker.core.runs import ADAPTER_FILES, is_adapter_folder
 from character_baker.core.stage import StageContext, StageResult
 from character_baker.stages.merging.delta import (Delta, adapter_factors, adapter_rank, combine_exact, fold_into,
                                                   load_adapters, peft_linear, truncate, write_lora)
-from character_baker.stages.merging.export import (ADAPTER_FILES, PERSONA_ADAPTER, model_card, run_adapters,
+from character_baker.stages.merging.export import (PERSONA_ADAPTER, model_card, run_adapters,
                                                    write_hf_files)
 
 MAKES = {"distill": "character-baker distill", "introspect": "character-baker introspect"}
@@ -41,7 +42,7 @@ def adapter_folders(ctx: StageContext) -> dict[str, Path]:
         if name == PERSONA_ADAPTER:
             problems.append(Problem("recipe", f"merge.weights.{name}", "'persona' is the merge's own output",
                                     "merge the adapters it was made from instead"))
-        elif not all((folder / file).is_file() for file in ADAPTER_FILES):
+        elif not is_adapter_folder(folder):
             make = MAKES.get(name, f"the stage that writes adapters/{name}")
             problems.append(Problem(str(folder), f"merge.weights.{name}", f"this run has no {name} adapter",
                                     f"run `{make}` on this run first, or leave it out of --weights"))

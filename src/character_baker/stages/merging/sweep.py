@@ -28,9 +28,9 @@ import torch
 from character_baker.core import assets
 from character_baker.core.config import SamplingConfig
 from character_baker.core.errors import UserError
-from character_baker.core.runs import atomic_write_json
+from character_baker.core.runs import atomic_write_json, is_adapter_folder
 from character_baker.core.stage import StageContext, StageResult
-from character_baker.stages.merging.export import ADAPTER_FILES, PERSONA_ADAPTER
+from character_baker.stages.merging.export import PERSONA_ADAPTER
 
 SWEEP_FILE = "logs/merge_sweep.json"
 NEUTRAL_CATEGORIES = ("math_reasoning", "science", "coding", "household", "recipes")
@@ -145,7 +145,7 @@ def load_persona(ctx: StageContext) -> ScaledPersona:
     from character_baker.stages.merging.delta import load_adapters
 
     folder = ctx.run.path("adapters", PERSONA_ADAPTER)
-    if not all((folder / name).is_file() for name in ADAPTER_FILES):
+    if not is_adapter_folder(folder):
         raise UserError.single(str(folder), "adapters/persona", "this run has no merged persona adapter",
                                f"run `character-baker merge {ctx.run.root}` first")
     model, tokenizer = load_model(ctx.recipe.models.base, ctx.recipe.models)

@@ -30,11 +30,10 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from character_baker.core.runs import atomic_write_json
+from character_baker.core.runs import ADAPTER_FILES, atomic_write_json
 
 MARKER = "checkpoint.json"
 STATE_FILE = "trainer_state.pt"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
