@@ -1,5 +1,6 @@
 """The data half of distill: pairs, filters with counts, provenance, kill-and-resume."""
 
+import json
 import os
 import signal
 import subprocess
@@ -96,3 +97,18 @@ def test_killed_generation_resumes_without_loss_or_duplicates(tmp_path, tiny_mod
     assert set(resumed) == set(_ids(straight_dir))
     total_prompts = len(read_jsonl(run_dir / "data" / "prompts.jsonl"))
     assert f"{total_prompts} prompts to answer" not in finished.stdout  # it continued, not restarted
+
+
+def test_distill_trains_under_a_launcher_in_two_processes(cli, tmp_path, tiny_model_dir):
+    """`--launcher torchrun --nproc 2` re-runs the training half in two (gloo, CPU) processes."""
+    run_dir = tmp_path / "run"
+    assert cli(*cli_args(tiny_model_dir, run_dir))[0] == 0  # --data-only: the pairs
+    args = [a for a in cli_args(tiny_model_dir, run_dir) if a != "--data-only"]
+    launched = subprocess.run([sys.executable, "-m", "character_baker", *args, "--skip-data", "--launcher", "torchrun",
+                               "--nproc", "2", "--set", "distill.batch_size=4", "--set", "distill.micro_batch_size=2"],
+                              capture_output=True, text=True, timeout=600)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    assert "x 2 process(es)" in launched.stdout + launched.stderr
+    assert (run_dir / "adapters" / "distill" / "adapter_model.safetensors").is_file()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["distill"]["status"] == "done"

@@ -10,7 +10,7 @@ import typer
 from character_baker.cli.common import (ModelOption, PresetOption, RecipeOption, SetOption, console,
                                         resolve_settings)
 
-RunOption = typer.Option(None, "--run", help="Run directory (default: runs/<constitution name>).")
+RunOption = typer.Option(None, "--run", "--run-dir", help="Run directory (default: runs/<constitution name>).")
 ForceOption = typer.Option(False, "--force", help="Run stages even when their inputs are unchanged.")
 ConstitutionArg = typer.Argument(..., help="Constitution YAML file.", show_default=False)
 
@@ -118,5 +118,6 @@ def _command_argv(ctx_typer: typer.Context) -> list[str]:
             continue
         if arg.startswith(("--launcher=", "--nproc=")):
             continue
-        cleaned.append(arg)
+        # torchrun's parser rejects `--run` as an ambiguous prefix of its own --run-path.
+        cleaned.append("--run-dir" + arg[len("--run"):] if arg == "--run" or arg.startswith("--run=") else arg)
     return cleaned
