@@ -91,7 +91,8 @@ def test_killed_generation_resumes_without_loss_or_duplicates(tmp_path, tiny_mod
     resumed = _ids(run_dir)
     assert len(resumed) == len(set(resumed)), "a record was duplicated"
     straight_dir = tmp_path / "straight"
-    straight = subprocess.run([sys.executable, "-m", "character_baker", *cli_args(tiny_model_dir, straight_dir)],
+    straight_args = [straight_dir if arg == str(run_dir) else arg for arg in args]  # same settings, another folder
+    straight = subprocess.run([sys.executable, "-m", "character_baker", *map(str, straight_args)],
                               env=env, capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr
     assert set(resumed) == set(_ids(straight_dir))
