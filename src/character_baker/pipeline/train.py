@@ -166,6 +166,7 @@ def plan_run(ctx: StageContext, start: str | None = None, until: str | None = No
     stages = select_stages(planned, start, until, only)
     actions, upstream_changes = {}, False
     for name in stages:
+        prepare_stage_options(name, ctx, planned)  # the same options the run will hash
         current = not force and not upstream_changes and ctx.run.is_stage_current(name, stage_inputs_hash(STAGES[name], ctx))
         actions[name] = "skip (inputs unchanged)" if current else "run"
         upstream_changes |= not current
