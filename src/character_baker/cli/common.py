@@ -86,6 +86,18 @@ def resolve_settings(constitution_path: Optional[Path], preset: Optional[str], r
     return constitution, resolve_recipe(layers, preset)
 
 
+def parse_number_list(text: str, option: str, example: str) -> list[float]:
+    """'0.25,0.5,1' -> [0.25, 0.5, 1.0]; a UserError naming `option` for anything else or nothing."""
+    try:
+        numbers = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        numbers = []
+    if not numbers:
+        raise UserError.single(option, option.lstrip("-"), f"not a comma-separated list of numbers: {text!r}",
+                               f"write e.g. {option} {example}")
+    return numbers
+
+
 def is_terminal() -> bool:
     """True when stdout is an interactive terminal (progress bars), False for logs and pipes."""
     return sys.stdout.isatty()

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import typer
 
-from character_baker.cli.common import ModelOption, PresetOption, RecipeOption, SetOption, console, err_console
+from character_baker.cli.common import ModelOption, PresetOption, RecipeOption, SetOption, console, err_console, parse_number_list
 from character_baker.cli.stage_cmds import ConstitutionArg, ForceOption, RunOption, build_context, run_stages
 
 RunArg = typer.Argument(..., help="Run directory (holds manifest.json).", show_default=False)
@@ -98,17 +98,6 @@ def parse_weights(text: str) -> dict[str, float]:
     return weights
 
 
-def parse_scales(text: str) -> list[float]:
-    """'0.25,0.5,1' -> [0.25, 0.5, 1.0]; UserError on a non-number."""
-    from character_baker.core.errors import UserError
-
-    try:
-        return [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UserError.single("--scales", "scales", f"not a comma-separated list of numbers: {text!r}",
-                               "write e.g. --scales 0.25,0.5,0.75,1.0,1.25") from None
-
-
 def print_sweep_table(table: dict) -> None:
     """The sweep as a terminal table: one row per scale, one column per metric."""
     from rich.table import Table
@@ -146,7 +135,7 @@ def merge(run: Path = RunArg, constitution: Optional[Path] = ConstitutionOption,
     ctx.options["adapters"] = {name: adapter_hash(ctx.run.path("adapters", name)) for name in names}
     stages = ["merge"]
     if scales:
-        ctx.options.update(scales=parse_scales(scales), sweep_prompts=sweep_prompts, sweep_tokens=sweep_tokens)
+        ctx.options.update(scales=parse_number_list(scales, "--scales", "0.25,0.5,0.75,1.0,1.25"), sweep_prompts=sweep_prompts, sweep_tokens=sweep_tokens)
         stages.append("merge_sweep")
     run_stages(ctx, stages, force=force)
     console.print(f"persona adapter: {ctx.run.path('adapters/persona')}", markup=False)

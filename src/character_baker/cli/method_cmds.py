@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from character_baker.cli.common import ModelOption, PresetOption, RecipeOption, SetOption, console
+from character_baker.cli.common import ModelOption, PresetOption, RecipeOption, SetOption, console, parse_number_list
 from character_baker.cli.stage_cmds import ConstitutionArg, ForceOption, RunOption, build_context, run_stages
 
 PROFILE_STAGES = ["prompts", "profile"]
@@ -152,20 +152,6 @@ def push_pull(constitution: Path = ConstitutionArg, run: Optional[Path] = RunOpt
 
 
 # ----------------------------------------------------------------------------- steer
-def parse_strengths(text: str) -> list[float]:
-    """'0,2,4,8' -> [0.0, 2.0, 4.0, 8.0]; UserError on anything else."""
-    from character_baker.core.errors import UserError
-
-    try:
-        strengths = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        strengths = []
-    if not strengths:
-        raise UserError.single("--strengths", "strengths", f"not a comma-separated list of numbers: {text!r}",
-                               "write e.g. --strengths 0,2,4,8")
-    return strengths
-
-
 def steer(constitution: Path = ConstitutionArg, run: Optional[Path] = RunOption,
           preset: Optional[str] = PresetOption, recipe: Optional[Path] = RecipeOption,
           sets: Optional[list[str]] = SetOption, model: Optional[str] = ModelOption,
@@ -182,7 +168,7 @@ def steer(constitution: Path = ConstitutionArg, run: Optional[Path] = RunOption,
     from character_baker.backends.models import load_model
     from character_baker.backends.steering import PROFILE_FILE, load_steering, strength_sweep
 
-    values = parse_strengths(strengths)
+    values = parse_number_list(strengths, "--strengths", "0,2,4,8")
     ctx = build_context(constitution, run, preset, recipe, sets, model)
     if profile_file is None:
         run_stages(ctx, PROFILE_STAGES, force=force)

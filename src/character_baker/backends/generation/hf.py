@@ -79,6 +79,19 @@ def stop_token_ids(tokenizer: Any, model: Any) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+@contextlib.contextmanager
+def adapter_enabled(model: Any, adapter: str | None) -> Iterator[None]:
+    """Base weights for None (every adapter disabled on a PEFT model), else the named adapter switched on."""
+    if adapter is not None:
+        model.set_adapter(adapter)
+        yield
+    elif is_peft_model(model):
+        with model.disable_adapter():
+            yield
+    else:
+        yield
+
+
 class HFBackend(GenerationBackend):
     """Generation with an in-process transformers model (optionally a PEFT model with adapters)."""
 
@@ -143,11 +156,8 @@ class HFBackend(GenerationBackend):
         saved = (self.model.training, self.model.active_adapter if peft else None,
                  [(parameter, parameter.requires_grad) for parameter in self.model.parameters()])
         self.model.eval()
-        if adapter is not None:
-            self.model.set_adapter(adapter)
-        switch = self.model.disable_adapter() if adapter is None and peft else contextlib.nullcontext()
         try:
-            with switch, torch.inference_mode():
+            with adapter_enabled(self.model, adapter), torch.inference_mode():
                 yield
         finally:
             self._restore(*saved)

@@ -101,14 +101,11 @@ class Condition:
         local = self.local_model()
         if local is None:
             raise ValueError(f"condition {self.name!r} has no in-process model")
+        from character_baker.backends.generation.hf import adapter_enabled
+
         model = local[0]
-        is_peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-        if self.adapter is None:
-            with model.disable_adapter() if is_peft else contextlib.nullcontext():
-                yield model
-            return
-        model.set_adapter(self.adapter)
-        yield model
+        with adapter_enabled(model, self.adapter):
+            yield model
 
 
 @dataclass

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterator
 
 from character_baker.backends.generation.base import encode_prompt
-from character_baker.backends.generation.hf import is_peft_model, stop_token_ids
+from character_baker.backends.generation.hf import adapter_enabled, is_peft_model, stop_token_ids
 from character_baker.core.config import ModelsConfig
 from character_baker.core.errors import UserError
 from character_baker.stages.serving.schemas import ApiError, ChatRequest
@@ -67,19 +67,6 @@ class GenerationEvent:
     finish_reason: str | None = None
     completion_tokens: int = 0
     error: str | None = None
-
-
-@contextlib.contextmanager
-def adapter_enabled(model: Any, adapter: str | None) -> Iterator[None]:
-    """Base weights for None (every adapter disabled), else the named adapter switched on."""
-    if not is_peft_model(model):
-        yield
-    elif adapter is None:
-        with model.disable_adapter():
-            yield
-    else:
-        model.set_adapter(adapter)
-        yield
 
 
 class IncrementalDecoder:

@@ -41,8 +41,8 @@ def _needs_grad(lm_head: nn.Module, *tensors: torch.Tensor) -> bool:
     return any(t.requires_grad for t in tensors) or any(p.requires_grad for p in lm_head.parameters())
 
 
-def _chunked(fn: Callable[..., torch.Tensor], lm_head: nn.Module, chunk_size: int,
-             *tensors: torch.Tensor) -> torch.Tensor:
+def chunked_over_tokens(fn: Callable[..., torch.Tensor], lm_head: nn.Module, chunk_size: int,
+                        *tensors: torch.Tensor) -> torch.Tensor:
     """Apply `fn(lm_head, *chunks)` over row chunks of `tensors`, checkpointed when gradients flow."""
     rows = tensors[0].shape[0]
     if rows == 0:
@@ -66,7 +66,7 @@ def _logprob_chunk(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tenso
 def chunked_token_logprobs(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor,
                            chunk_size: int = 512) -> torch.Tensor:
     """log p(label) per row of `hidden` [tokens, hidden_size], float32 [tokens], lm_head applied in chunks."""
-    return _chunked(_logprob_chunk, lm_head, chunk_size, hidden, labels)
+    return chunked_over_tokens(_logprob_chunk, lm_head, chunk_size, hidden, labels)
 
 
 def _kl_chunk(lm_head: nn.Module, hidden: torch.Tensor, ref_hidden: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -82,7 +82,7 @@ def chunked_token_kl(hidden: torch.Tensor, ref_hidden: torch.Tensor, lm_head: nn
     `ref_hidden` is detached: the reference is a fixed target.
     """
     fn = lambda head, h, r: _kl_chunk(head, h, r, temperature)  # noqa: E731 (binds the temperature)
-    return _chunked(fn, lm_head, chunk_size, hidden, ref_hidden.detach())
+    return chunked_over_tokens(fn, lm_head, chunk_size, hidden, ref_hidden.detach())
 
 
 def row_sums(token_values: torch.Tensor, tokens_per_row: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ from character_baker.core.runs import RunDir, read_jsonl, stable_hash, write_jso
 from character_baker.core.stage import StageContext, StageResult
 from character_baker.core.system_prompts import teacher_system_prompt
 from character_baker.stages.training.batching import Batch, collate_sequences
-from character_baker.stages.training.losses import _chunked, row_sums, tokens_per_row
+from character_baker.stages.training.losses import chunked_over_tokens, row_sums, tokens_per_row
 from character_baker.stages.training.push_pull import balance_callbacks, push_pull_losses
 from character_baker.stages.training.tokenize import TokenizedSequence, render_ids, tokenize_conversation
 from character_baker.stages.training.trainer import run_training, sum_counts
@@ -79,7 +79,7 @@ def chunked_divergence(hidden: torch.Tensor, teacher_hidden: torch.Tensor, lm_he
         dtype = head.weight.dtype  # hidden states may arrive upcast to float32; bf16 heads need bf16 inputs
         return token_divergence(head(h.to(dtype)), head(t.to(dtype)), kind, temperature)
 
-    return _chunked(fn, lm_head, chunk_size, hidden, teacher_hidden.detach())
+    return chunked_over_tokens(fn, lm_head, chunk_size, hidden, teacher_hidden.detach())
 
 
 # ----------------------------------------------------------------------------- examples
