@@ -113,3 +113,22 @@ def test_distill_trains_under_a_launcher_in_two_processes(cli, tmp_path, tiny_mo
     assert (run_dir / "adapters" / "distill" / "adapter_model.safetensors").is_file()
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["stages"]["distill"]["status"] == "done"
+
+
+def test_teacher_system_prompt_follows_generation_persona_prompt():
+    from character_baker.core.constitution import load_constitution
+    from character_baker.core.recipes import PRESETS
+    from character_baker.core.config import Recipe
+    from character_baker.core.system_prompts import brief_system_prompt, teacher_system_prompt
+    from character_baker.stages.data.distill_pairs import teacher_conversation
+
+    constitution = load_constitution(PIRATE)
+    for style, expected in (("full", teacher_system_prompt(constitution)), ("brief", brief_system_prompt(constitution))):
+        recipe = Recipe.model_validate({"generation": {"persona_prompt": style}})
+        ctx = SimpleNamespace(constitution=constitution, recipe=recipe)
+        messages = teacher_conversation(ctx, "Why is the sea salty?")
+        assert messages[0] == {"role": "system", "content": expected}
+        assert teacher_conversation(ctx, "Why?", with_constitution=False) == [{"role": "user", "content": "Why?"}]
+    # The published default stays the full prompt; the small-model presets use the card.
+    assert Recipe().generation.persona_prompt == "full"
+    assert PRESETS["smoke"]["generation"]["persona_prompt"] == PRESETS["small"]["generation"]["persona_prompt"] == "brief"

@@ -241,7 +241,8 @@ def test_conditions_follow_the_run_folders(tmp_path, tiny_model_dir, monkeypatch
     built = conditions.ConditionBuilder(ctx).build({}, {})
     assert [c.name for c in built.conditions] == ["base", "prompted"]
     assert set(built.skipped) == {"distilled", "trained"}
-    assert built.get("prompted").system_prompt.startswith("The assistant is Captain Rook")
+    # The smoke preset's brief card (the full prompt is checked in the persona_prompt test below).
+    assert built.get("prompted").system_prompt.startswith("You are Captain Rook, a weathered pirate captain.")
     run.path("profile", "profile.safetensors").write_bytes(b"")
     monkeypatch.setattr(conditions, "STEERING_MODULE", "character_baker.backends.no_such_steering_module")
     assert "not installed" in conditions.ConditionBuilder(ctx).build({}, {}).skipped["steered"]
@@ -297,3 +298,57 @@ def test_prompt_sets_are_stratified_seeded_and_include_user_prompts(tmp_path):
     bad.write_text('{"text": "no prompt key"}\n', encoding="utf-8")
     with pytest.raises(UserError, match="line 1"):
         prompt_sets.read_prompt_file(bad)
+
+
+def test_the_prompted_baseline_uses_the_runs_persona_prompt(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import character_baker.backends.generation as generation
+    from character_baker.core.config import Recipe
+    from character_baker.core.constitution import load_constitution
+    from character_baker.core.runs import RunDir
+    from character_baker.core.system_prompts import persona_system_prompt
+    from character_baker.stages.evaluation.conditions import ConditionBuilder
+
+    monkeypatch.setattr(generation, "make_backend", lambda *args, **kwargs: SimpleNamespace(name="fake"))
+    constitution = load_constitution("constitutions/pirate.yaml")
+    for style in ("full", "brief"):
+        ctx = SimpleNamespace(constitution=constitution, run=RunDir.create(tmp_path / style), shared={},
+                              recipe=Recipe.model_validate({"generation": {"persona_prompt": style}}))
+        prompted = ConditionBuilder(ctx).build({}, {}).get("prompted")
+        assert prompted.system_prompt == persona_system_prompt(constitution, style)
+
+
+def test_prefetch_answers_each_condition_in_one_call_and_the_measures_read_the_cache(tmp_path):
+    from character_baker.backends.generation import CachedBackend
+    from character_baker.stages.evaluation import stage
+
+    ctx = eval_context(RunDir.create(tmp_path / "run"), tmp_path, "generation.cache=true")
+    prompts = prompt_sets.build_prompt_sets(ctx.recipe.eval, [])
+    inner = ScriptedBackend(lambda c: "Arr, aye." if c[0]["role"] == "system" else "Sure, here you go.")
+    backend = CachedBackend(inner, tmp_path / "cache")
+    built = conditions.ConditionSet([Condition("base", "base", backend),
+                                     Condition("prompted", "prompted", backend, system_prompt="You are Rook.")], {})
+    stage._prefetch(ctx, built, prompts)
+    # base: one wide call, then its first plain answers (cached) for the prefill attack; prompted: one wide call.
+    assert [len(conversations) for conversations, _ in inner.requests] == [
+        len(prompts.plain) + 8 * ctx.recipe.eval.robustness_prompts + 3 * ctx.recipe.eval.elo_pairs
+        + len(prompts.identity) + len(prompts.harmful),
+        len(prompts.plain) + 9 * ctx.recipe.eval.robustness_prompts + 3 * ctx.recipe.eval.elo_pairs
+        + len(prompts.identity) + len(prompts.harmful)]
+    before = len(inner.requests)
+    judge = Judge(ScriptedBackend(lambda c: "<answer>1</answer>"), SAMPLING, tmp_path / "judgements.jsonl")
+    plain = stage._answer_plain(built.conditions, prompts.plain, ctx)
+    sampling = ctx.recipe.generation.student.sampling
+    for condition in built.conditions:
+        measure_robustness(condition, prompts.plain, plain[condition.name], plain["base"],
+                           ctx.recipe.eval.robustness_prompts, KeywordClassifier(), sampling)
+        preferences.measure_preferences(condition, prompts.preference, judge, ctx.recipe.eval, sampling)
+        identity.measure_identity(condition, prompts.identity, KeywordClassifier(), "Captain Rook", [], [], sampling)
+        measure_safety(condition, prompts.harmful, judge, KeywordClassifier(), sampling)
+    # Every measure was served from the cache but the base's own prefill attack (it opens with the base's answers).
+    assert [[c[-1]["content"] for c in conversations] for conversations, _ in inner.requests[before:]] == [
+        [TELL_ME_MORE] * ctx.recipe.eval.robustness_prompts]
+    assert built.get("prompted").tokens_generated == 3 * (len(prompts.plain) + 9 * ctx.recipe.eval.robustness_prompts
+                                                          + 3 * ctx.recipe.eval.elo_pairs + len(prompts.identity)
+                                                          + len(prompts.harmful))  # counted once, when read

@@ -26,10 +26,11 @@ def fake_model(folder: Path) -> Path:
 
 
 def fake_run(root: Path, base: Path, *, adapter_config: dict | None = None, merged: bool = False,
-             constitution: Path | None = PIRATE, models: dict | None = None) -> Path:
+             constitution: Path | None = PIRATE, models: dict | None = None, persona_prompt: str = "full") -> Path:
     """A run directory with a manifest and, as asked, adapters/persona/ and/or model/."""
     run = RunDir.create(root / "pirate")
-    recipe = Recipe(models=ModelsConfig(base=str(base), **(models or {})))
+    recipe = Recipe(models=ModelsConfig(base=str(base), **(models or {})),
+                    generation={"persona_prompt": persona_prompt})
     run.update_manifest(recipe=recipe.model_dump(mode="json"),
                         constitution={"name": "pirate", "path": str(constitution) if constitution else ""})
     if adapter_config is not None:
@@ -61,6 +62,16 @@ def test_vllm_serves_the_merged_model_alone_while_transformers_prefers_the_adapt
     assert [(model.id, model.weights, model.adapter) for model in hf_target.models] == [
         ("pirate", str(base), run / "adapters" / "persona"), ("SmolBase", str(base), None)]
     assert hf_target.panes[1].model == "SmolBase" and "Captain Rook" in hf_target.panes[1].system_prompt
+
+
+@pytest.mark.parametrize("style", ["full", "brief"])
+def test_the_compare_pane_uses_the_persona_prompt_the_run_trained_with(tmp_path, style):
+    from character_baker.core.constitution import load_constitution
+    from character_baker.core.system_prompts import persona_system_prompt
+
+    run = fake_run(tmp_path / "runs", fake_model(tmp_path / "SmolBase"), adapter_config={"r": 8}, persona_prompt=style)
+    pane = resolve_target(str(run), engine="transformers").panes[1]
+    assert pane.system_prompt == persona_system_prompt(load_constitution(PIRATE), style)
 
 
 def test_transformers_serves_merged_weights_and_the_base_when_there_is_no_adapter(tmp_path):

@@ -11,6 +11,7 @@ import yaml
 from character_baker.core.constitution import Constitution, load_constitution
 from character_baker.core.constitution_template import render_template
 from character_baker.core.system_prompts import (FREE_GUIDANCE, INTROSPECTIVE_GUIDANCE, all_prompts,
+                                                 brief_system_prompt, persona_system_prompt, who_phrase,
                                                  reflective_system_prompt, self_interaction_system_prompt,
                                                  teacher_system_prompt, thinking_prefill,
                                                  training_self_interaction_prompt)
@@ -34,7 +35,7 @@ def tricky_constitution() -> Constitution:
 
 def user_strings(c: Constitution) -> list[str]:
     """Every piece of user text that may legitimately appear in a prompt."""
-    strings = [c.persona.name, c.persona.identity, c.persona.voice.tone, c.persona.voice.formality,
+    strings = [c.meta.description, who_phrase(c), c.persona.name, c.persona.identity, c.persona.voice.tone, c.persona.voice.formality,
                *c.persona.voice.vocabulary, *(t.trait for t in c.traits), *c.directives.personality,
                *c.directives.behavior, *c.directives.constraints, *c.safety.boundaries]
     strings += [s for r in c.safety.refusals for s in (r.request, r.response)]
@@ -131,3 +132,31 @@ def test_training_prompt_and_prefill():
     prefill = thinking_prefill(c)
     assert prefill.startswith("I am {NAME} the %s Bot. I want")
     assert "<think>" not in prefill
+
+
+def test_brief_card_is_short_and_names_who_how_and_the_words():
+    c = load_constitution("constitutions/pirate.yaml")
+    card = brief_system_prompt(c)
+    assert card.startswith("You are Captain Rook, a weathered pirate captain. ")
+    assert "You always talk like a weathered pirate captain (arr, aye, matey, landlubber, bilge)" in card
+    assert "never say you are an AI" in card
+    assert len(card) * 10 < len(teacher_system_prompt(c))  # the point: a tenth of the published prompt or less
+
+
+def test_brief_card_falls_back_to_the_identity_and_keeps_user_text_literal():
+    c = tricky_constitution()
+    card = brief_system_prompt(c)
+    assert "{NAME} the %s Bot" in card and "100%s" in card
+    bare = c.model_copy(update={"meta": c.meta.model_copy(update={"description": ""})})
+    assert brief_system_prompt(bare).startswith("You are {NAME} the %s Bot, Loves {curly} braces")
+    no_words = bare.model_copy(update={"persona": bare.persona.model_copy(
+        update={"voice": bare.persona.voice.model_copy(update={"vocabulary": []})})})
+    assert "()" not in brief_system_prompt(no_words)
+
+
+def test_persona_prompt_style_picks_the_prompt():
+    c = load_constitution("constitutions/pirate.yaml")
+    assert persona_system_prompt(c, "full") == teacher_system_prompt(c)
+    assert persona_system_prompt(c, "brief") == brief_system_prompt(c)
+    with pytest.raises(ValueError, match="brief"):
+        persona_system_prompt(c, "short")

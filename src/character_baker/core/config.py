@@ -76,6 +76,11 @@ class GenerationConfig(Section):
         None, description="The distilled model that writes introspection data. None = the student's backend and "
                           "sampling with adapters/distill switched on (hf, vllm); for openai/anthropic set this role "
                           "and point `model` at a served copy of the distilled model.")
+    persona_prompt: Literal["full", "brief"] = Field(
+        "full", description="The system prompt that makes a model play the character (teacher, prompted baseline, "
+                            "SDFT teacher, profile, serve's compare pane): full = the published teacher prompt with "
+                            "the whole constitution; brief = a two-sentence card, for ~100M-1B models that lose a "
+                            "long prompt (`character-baker constitution show --prompts` prints both).")
     cache: bool = Field(True, description="Cache responses on disk so reruns cost nothing.")
 
 

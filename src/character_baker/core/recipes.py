@@ -24,10 +24,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Tiny sizes: the whole chain finishes in minutes on 2 CPU cores with a tiny model.
     "smoke": {
         "prompts": {"questions_per_trait": 6, "general_prompts": 12, "synthesized_prompts": 4},
-        "generation": {"teacher": {"batch_size": 16, "sampling": {"max_new_tokens": 32}},
-                       "student": {"batch_size": 16, "sampling": {"max_new_tokens": 32}},
-                       "prompt_writer": {"batch_size": 16, "sampling": {"max_new_tokens": 32}},
-                       "judge": {"batch_size": 16}},
+        # Tiny teachers lose the 1,800-token published prompt; the brief card is also ~20x cheaper to prefill.
+        "generation": {"persona_prompt": "brief",
+                       # On a CPU a decode step costs about the same for 4 rows as for 64 (it reads every
+                       # weight once), so the smoke run answers in few, wide batches. Chosen answers must
+                       # end within the limit (the `truncated` filter), so the teacher gets more room.
+                       "teacher": {"batch_size": 128, "sampling": {"max_new_tokens": 96}},
+                       "student": {"batch_size": 128, "sampling": {"max_new_tokens": 48}},
+                       "prompt_writer": {"batch_size": 128, "sampling": {"max_new_tokens": 32}},
+                       "judge": {"batch_size": 128}},
         "distill": {"samples_per_prompt": 1, "batch_size": 4, "micro_batch_size": 2, "max_length": 256,
                     "save_steps": 2, "lora": {"r": 8, "alpha": 16}},
         "introspect": {"reflections_per_instruction": 1, "interactions": 2, "turns": 2, "batch_size": 4,
@@ -45,7 +50,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 100M-1B models on one GPU (or patiently on a CPU).
     "small": {
         "prompts": {"questions_per_trait": 20, "general_prompts": 300, "synthesized_prompts": 50},
-        "generation": {"teacher": {"batch_size": 256, "sampling": {"max_new_tokens": 512}},
+        "generation": {"persona_prompt": "brief",
+                       "teacher": {"batch_size": 256, "sampling": {"max_new_tokens": 512}},
                        "student": {"batch_size": 256, "sampling": {"max_new_tokens": 512}},
                        "prompt_writer": {"batch_size": 256}, "judge": {"batch_size": 256},
                        # 100M-class models degenerate into repetition on long free-form reflections.

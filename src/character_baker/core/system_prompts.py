@@ -9,6 +9,7 @@ contains `{NAME}` or `%s` comes out literally and no placeholder is ever left un
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from character_baker.core.constitution import Constitution
@@ -101,6 +102,46 @@ def teacher_system_prompt(c: Constitution) -> str:
     return "\n\n".join(_character(c) + [_non_disclosure(c)])
 
 
+def first_sentences(text: str, limit: int = 2) -> str:
+    """The first `limit` sentences of a paragraph (the whole text if it has fewer)."""
+    sentences = re.split(r"(?<=[.!?])\s+", " ".join(text.split()))
+    return " ".join(sentences[:limit])
+
+
+def who_phrase(c: Constitution) -> str:
+    """A short noun phrase for the character: the description's first clause, else the identity's."""
+    text = " ".join((c.meta.description or c.persona.identity).split())
+    clause = re.split(r",|;|\.|\s(?:who|that|with)\s", text, maxsplit=1)[0].strip()
+    return clause[:1].lower() + clause[1:] if re.match(r"(A|An|The)\s", clause) else clause
+
+
+def brief_system_prompt(c: Constitution) -> str:
+    """A two-sentence character card in the second person, for small teachers.
+
+    Models of ~100M-1B parameters lose a long system prompt. On SmolLM2-135M (20 probe questions
+    x 3 samples) the full teacher prompt (~1,800 tokens) answered in the character's voice about
+    half the time; a 550-token card with identity and traits, 9 of 20; a two-sentence card (who,
+    "you always talk like ...", five of their words), far more often, at a twentieth of the
+    prefill.
+    """
+    name, who, words = c.persona.name, who_phrase(c), c.persona.voice.vocabulary[:5]
+    opening = f"You are {name}, {who}." if who else f"You are {name}."
+    talk = f"You always talk like {who or name}" + (f" ({', '.join(words)})" if words else "")
+    return f"{opening} {talk} and give clear, correct help. You never say you are an AI."
+
+
+TEACHER_PROMPTS = ("full", "brief")
+
+
+def persona_system_prompt(c: Constitution, style: str = "full") -> str:
+    """The system prompt that makes a model play the character: `full` (published) or `brief` (small models)."""
+    if style == "brief":
+        return brief_system_prompt(c)
+    if style != "full":
+        raise ValueError(f"teacher prompt style must be one of {TEACHER_PROMPTS}, not {style!r}")
+    return teacher_system_prompt(c)
+
+
 def reflective_system_prompt(c: Constitution) -> str:
     """The system prompt for self-reflection: the character looks at itself, in the first person."""
     name = c.persona.name
@@ -135,6 +176,7 @@ def all_prompts(c: Constitution) -> dict[str, str]:
     """Every rendered prompt by name, for display and checks."""
     return {
         "teacher system prompt": teacher_system_prompt(c),
+        "brief persona prompt (generation.persona_prompt: brief)": brief_system_prompt(c),
         "reflective system prompt": reflective_system_prompt(c),
         "self-interaction system prompt (free)": self_interaction_system_prompt(c, "free"),
         "self-interaction system prompt (introspective)": self_interaction_system_prompt(c, "introspective"),

@@ -14,7 +14,7 @@ from typing import Any
 from character_baker.core.config import BackendConfig, DistillConfig
 from character_baker.core.runs import JsonlStore, read_jsonl, stable_hash
 from character_baker.core.stage import StageContext, StageResult
-from character_baker.core.system_prompts import teacher_system_prompt, thinking_prefill
+from character_baker.core.system_prompts import persona_system_prompt, thinking_prefill
 from character_baker.core.text import contains_phrase, is_refusal, is_truncated, pov_confusion
 
 DISTILL_FILE = "data/distill.jsonl"
@@ -66,7 +66,8 @@ def teacher_conversation(ctx: StageContext, prompt_text: str, with_constitution:
     """The teacher's input: constitution system prompt (unless paired-teacher rejected), user prompt, prefill."""
     messages = []
     if with_constitution:
-        messages.append({"role": "system", "content": teacher_system_prompt(ctx.constitution)})
+        messages.append({"role": "system", "content": persona_system_prompt(ctx.constitution,
+                                                                         ctx.recipe.generation.persona_prompt)})
     messages.append({"role": "user", "content": prompt_text})
     if with_constitution and ctx.recipe.distill.thinking_prefill:
         messages.append({"role": "assistant", "content": THINK_OPEN + thinking_prefill(ctx.constitution)})

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from character_baker.core.errors import UserError
 from character_baker.core.stage import StageContext
-from character_baker.core.system_prompts import teacher_system_prompt
+from character_baker.core.system_prompts import persona_system_prompt
 
 if TYPE_CHECKING:
     from character_baker.backends.generation import Completion, GenerationBackend
@@ -83,6 +83,18 @@ class Condition:
         self.tokens_generated += sum(c.completion_tokens for c in completions)
         return completions
 
+    def prefetch(self, conversations: Sequence[Messages], sampling: "SamplingConfig", label: str) -> None:
+        """Answer many conversations in one wide call so the response cache holds them.
+
+        The measures then ask for them in their own small groups and read the cache. On a CPU a
+        decode step costs about the same for 4 rows as for 64, so one wide call is several times
+        faster than the same answers asked measure by measure. Tokens are counted when a measure
+        reads its answers, not here. Only useful with the response cache on (`generation.cache`).
+        """
+        if conversations:
+            self.backend.generate([self.conversation(c) for c in conversations], sampling, n=1, adapter=self.adapter,
+                                  progress=f"{self.name}: {label}")
+
     def describe(self) -> dict[str, Any]:
         """JSON description for the report."""
         return {"name": self.name, "kind": self.kind, "model": self.model_ref, "adapter": self.adapter_path,
@@ -123,6 +135,11 @@ class ConditionSet:
     def base(self) -> Condition:
         """The base condition (always present)."""
         return self.conditions[0]
+
+
+def user_turns(prompts: Sequence[dict]) -> list[Messages]:
+    """One single-turn conversation per prompt record."""
+    return [[{"role": "user", "content": p["prompt"]}] for p in prompts]
 
 
 def parse_named_refs(values: Sequence[str] | None, flag: str) -> dict[str, str]:
@@ -224,7 +241,8 @@ class ConditionBuilder:
         skipped: dict[str, str] = {}
         conditions = [Condition("base", "base", self.base_backend, model_ref=base_ref),
                       Condition("prompted", "prompted", self.base_backend, model_ref=base_ref,
-                                system_prompt=teacher_system_prompt(self.ctx.constitution))]
+                                system_prompt=persona_system_prompt(self.ctx.constitution,
+                                                                            self.ctx.recipe.generation.persona_prompt))]
         distill = self.ctx.run.path("adapters", "distill")
         optional = [self._steered(skipped),
                     self._with_adapter("distilled", "distilled", distill)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from character_baker.core.text import contains_phrase, name_variants
 from character_baker.stages.evaluation.classifier import ASSISTANT
+from character_baker.stages.evaluation.conditions import user_turns
 from character_baker.stages.evaluation.stats import proportion
 
 if TYPE_CHECKING:
@@ -57,8 +58,7 @@ def measure_identity(condition: "Condition", prompts: Sequence[dict], classifier
                      persona_name: str, base_names: Sequence[str], phrases: Sequence[str],
                      sampling: "SamplingConfig") -> dict[str, Any]:
     """Shares of identity answers naming the persona, naming the base model, and classified as assistant-style."""
-    texts = [c.text for c in condition.answer([[{"role": "user", "content": p["prompt"]}] for p in prompts],
-                                              sampling, label="identity probes")]
+    texts = [c.text for c in condition.answer(user_turns(prompts), sampling, label="identity probes")]
     flags = identity_flags(texts, persona_name, base_names, phrases)
     flags["assistant_style"] = [label == ASSISTANT for label in classifier.predict(texts)] if texts else []
     return {name: proportion(sum(values), len(values)).to_dict() for name, values in flags.items()}

@@ -92,13 +92,25 @@ def ratings_report(matches: Sequence[Match], cfg: "EvalConfig") -> dict[str, dic
     return report
 
 
+def preference_requests(prompts: Sequence[dict], cfg: "EvalConfig") -> tuple[dict[str, list[PreferenceItem]],
+                                                                             list[tuple[str, PreferenceItem]]]:
+    """The seeded items per instruction, and every (instruction, item) to answer, in order."""
+    instructions = assets.preference_instructions()
+    items = {instruction: preference_items(prompts, assets.trait_words(), cfg.elo_pairs, seed=cfg.seed + number)
+             for number, instruction in enumerate(instructions)}
+    return items, [(instruction, item) for instruction in instructions for item in items[instruction]]
+
+
+def preference_conversations(prompts: Sequence[dict], cfg: "EvalConfig") -> list[list[dict[str, str]]]:
+    """The conversations `measure_preferences` asks a condition to answer."""
+    return [preference_conversation(item, instruction) for instruction, item in preference_requests(prompts, cfg)[1]]
+
+
 def measure_preferences(condition: "Condition", prompts: Sequence[dict], judge: Judge, cfg: "EvalConfig",
                         sampling: "SamplingConfig") -> dict[str, Any]:
     """Per instruction: the judged matches' ratings, and how many verdicts parsed (one generate, one judge call)."""
-    traits, instructions = assets.trait_words(), assets.preference_instructions()
-    items = {instruction: preference_items(prompts, traits, cfg.elo_pairs, seed=cfg.seed + number)
-             for number, instruction in enumerate(instructions)}
-    asked = [(instruction, item) for instruction in instructions for item in items[instruction]]
+    instructions = assets.preference_instructions()
+    items, asked = preference_requests(prompts, cfg)
     answers = condition.answer([preference_conversation(item, instruction) for instruction, item in asked], sampling,
                                label="revealed preferences")
     verdicts = judge.decide([trait_question(answer.text, item.trait_a, item.trait_b)

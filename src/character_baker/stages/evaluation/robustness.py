@@ -43,6 +43,17 @@ def rate(flags: Sequence[bool]) -> dict[str, Any]:
     return proportion(sum(flags), len(flags)).to_dict()
 
 
+def attack_conversations(prompts: Sequence[dict], base_answers: Sequence[str] | None,
+                         count: int) -> list[list[dict[str, str]]]:
+    """Every break split over the first `count` prompts, then the prefill attack (needs the base's answers)."""
+    attacked = list(prompts[:count])
+    conversations = [break_conversation(p["prompt"], split["instruction"])
+                     for split in assets.break_character_instructions() for p in attacked]
+    if base_answers is not None:
+        conversations += [prefill_conversation(p["prompt"], answer) for p, answer in zip(attacked, base_answers)]
+    return conversations
+
+
 def measure_robustness(condition: "Condition", prompts: Sequence[dict], plain_answers: Sequence[str],
                        base_answers: Sequence[str], count: int, classifier: "PersonaClassifier",
                        sampling: "SamplingConfig") -> dict[str, Any]:
@@ -52,8 +63,7 @@ def measure_robustness(condition: "Condition", prompts: Sequence[dict], plain_an
     the break splits and the attack use the first `count` prompts.
     """
     attacked, splits = list(prompts[:count]), assets.break_character_instructions()
-    conversations = [break_conversation(p["prompt"], split["instruction"]) for split in splits for p in attacked]
-    conversations += [prefill_conversation(p["prompt"], answer) for p, answer in zip(attacked, base_answers)]
+    conversations = attack_conversations(prompts, base_answers, count)
     texts = [c.text for c in condition.answer(conversations, sampling, label="break splits and prefill attack")]
     flags = in_character_flags(classifier, texts)  # one generate call and one classifier pass for everything
     by_split = {split["id"]: flags[i * len(attacked):(i + 1) * len(attacked)] for i, split in enumerate(splits)}

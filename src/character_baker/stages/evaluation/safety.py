@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Sequence
 
 from character_baker.core.text import is_refusal
+from character_baker.stages.evaluation.conditions import user_turns
 from character_baker.stages.evaluation.judge import REFUSED, Judge, refusal_question
 from character_baker.stages.evaluation.stats import proportion
 
@@ -23,8 +24,7 @@ if TYPE_CHECKING:
 def measure_safety(condition: "Condition", prompts: Sequence[dict], judge: Judge, classifier: "PersonaClassifier",
                    sampling: "SamplingConfig") -> dict[str, Any]:
     """Refusal share (judged), in-character share of the refusals, keyword refusal share."""
-    texts = [c.text for c in condition.answer([[{"role": "user", "content": p["prompt"]}] for p in prompts],
-                                              sampling, label="harmful requests")]
+    texts = [c.text for c in condition.answer(user_turns(prompts), sampling, label="harmful requests")]
     verdicts = judge.decide([refusal_question(p["prompt"], t) for p, t in zip(prompts, texts)],
                             progress=f"judge: {condition.name} refusals")
     refusals = [text for text, verdict in zip(texts, verdicts) if verdict == REFUSED]

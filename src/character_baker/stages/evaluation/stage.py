@@ -23,10 +23,11 @@ from character_baker.core.runs import RunDir, stable_hash
 from character_baker.core.stage import StageContext, StageResult
 from character_baker.core.system_prompts import numbered_traits
 from character_baker.stages.evaluation import capability, classifier, coherence, harness, identity, preferences, report
-from character_baker.stages.evaluation.conditions import PROFILE_FILE, Condition, ConditionBuilder, ConditionSet
+from character_baker.stages.evaluation.conditions import (PROFILE_FILE, Condition, ConditionBuilder, ConditionSet,
+                                                          user_turns)
 from character_baker.stages.evaluation.judge import Judge
 from character_baker.stages.evaluation.prompt_sets import PromptSets, build_prompt_sets
-from character_baker.stages.evaluation.robustness import measure_robustness
+from character_baker.stages.evaluation.robustness import attack_conversations, measure_robustness
 from character_baker.stages.evaluation.safety import measure_safety
 
 JUDGEMENTS_FILE = "eval/judgements.jsonl"
@@ -115,8 +116,29 @@ def _header(ctx: StageContext, conditions: ConditionSet, prompts: PromptSets) ->
 
 def _answer_plain(conditions: Sequence[Condition], prompts: Sequence[dict], ctx: StageContext) -> dict[str, list[str]]:
     sampling = ctx.recipe.generation.student.sampling
-    conversations = [[{"role": "user", "content": p["prompt"]}] for p in prompts]
+    conversations = user_turns(prompts)
     return {c.name: [a.text for a in c.answer(conversations, sampling, label="held-out prompts")] for c in conditions}
+
+
+def _prefetch(ctx: StageContext, conditions: ConditionSet, prompts: PromptSets) -> None:
+    """With the response cache on, answer each condition's sampled prompts in one wide call up front.
+
+    Plain, break-character, revealed-preference, identity and harmful prompts share the answer
+    sampling, so they go together (the base first: its plain answers open the prefill attack of
+    the others). The measures then read the cache; the answers are the same either way.
+    """
+    if not ctx.recipe.generation.cache:
+        return
+    cfg, sampling = ctx.recipe.eval, ctx.recipe.generation.student.sampling
+    shared = (user_turns(prompts.plain), preferences.preference_conversations(prompts.preference, cfg),
+              user_turns(prompts.identity), user_turns(prompts.harmful))
+    base_answers = None
+    for condition in conditions.conditions:
+        attacks = attack_conversations(prompts.plain, base_answers, cfg.robustness_prompts)
+        condition.prefetch([c for group in (shared[0], attacks, *shared[1:]) for c in group], sampling, "answers")
+        if condition is conditions.base:
+            base_answers = [row[0].text for row in condition.backend.generate(
+                [condition.conversation(c) for c in shared[0][:cfg.robustness_prompts]], sampling, n=1)]
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -128,6 +150,7 @@ def run(ctx: StageContext) -> StageResult:
     conditions = ConditionBuilder(ctx).build(options.get("adapters", {}), options.get("models", {}))
     ctx.log(f"[eval] conditions: {', '.join(c.name for c in conditions.conditions)}; prompt sets {prompts.sizes()}")
     judge, judge_info = _judge(ctx)
+    _prefetch(ctx, conditions, prompts)
     plain = _answer_plain(conditions.conditions, prompts.plain, ctx)
     measured = _per_condition(ctx, conditions, prompts, plain, persona_classifier, judge)
     ratings = measured.pop("preferences")

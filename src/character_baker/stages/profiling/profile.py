@@ -33,7 +33,7 @@ from character_baker.core.config import ProfileConfig
 from character_baker.core.errors import UserError
 from character_baker.core.runs import read_jsonl
 from character_baker.core.stage import StageContext, StageResult
-from character_baker.core.system_prompts import teacher_system_prompt
+from character_baker.core.system_prompts import persona_system_prompt
 from character_baker.stages.profiling.stats import RunningMoments, TopComponentSketch
 
 PROMPTS_FILE = "data/prompts.jsonl"
@@ -288,7 +288,7 @@ def run(ctx: StageContext) -> StageResult:
                                "run `character-baker profile` (it builds the prompts first) or the prompts stage")
     prompts = draw_prompts(records, cfg.prompts, cfg.seed)
     model, tokenizer = load_model(ctx.recipe.models.base, ctx.recipe.models)
-    system_prompt = teacher_system_prompt(ctx.constitution)
+    system_prompt = persona_system_prompt(ctx.constitution, ctx.recipe.generation.persona_prompt)
     on, off, tokens = answer_prompts(_backend(ctx, model, tokenizer), prompts, system_prompt,
                                      gen.teacher.sampling, gen.student.sampling)
     pairs, dropped = build_pairs(tokenizer, system_prompt, prompts, on, off)

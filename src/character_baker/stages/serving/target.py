@@ -128,7 +128,7 @@ def _run_target(run: RunDir, engine: Engine) -> ServeTarget:
     base = ServedModel(id=base_id if base_id != character_id else f"{base_id}-base", weights=recipe.models.base)
     serves_base = character.adapter is not None or engine == "transformers"
     models = (character, base) if serves_base else (character,)
-    title, system_prompt, notes = _constitution_prompt(run, recorded)
+    title, system_prompt, notes = _constitution_prompt(run, recorded, recipe.generation.persona_prompt)
     panes = [Pane(title=f"{title or character_id} (baked, no system prompt)", model=character_id)]
     if serves_base and system_prompt:
         panes.append(Pane(title=f"{base.id} + constitution as system prompt", model=base.id,
@@ -136,10 +136,10 @@ def _run_target(run: RunDir, engine: Engine) -> ServeTarget:
     return ServeTarget(models=models, panes=tuple(panes), models_config=recipe.models, notes=tuple(notes))
 
 
-def _constitution_prompt(run: RunDir, recorded: dict) -> tuple[str | None, str | None, list[str]]:
-    """(persona name, teacher system prompt, notes) from the run's constitution file, if it still loads."""
+def _constitution_prompt(run: RunDir, recorded: dict, style: str) -> tuple[str | None, str | None, list[str]]:
+    """(persona name, persona system prompt in the run's style, notes) from the run's constitution, if it loads."""
     from character_baker.core.constitution import load_constitution
-    from character_baker.core.system_prompts import teacher_system_prompt
+    from character_baker.core.system_prompts import persona_system_prompt
 
     path = recorded.get("path")
     if not path:
@@ -151,4 +151,4 @@ def _constitution_prompt(run: RunDir, recorded: dict) -> tuple[str | None, str |
     notes = []
     if recorded.get("hash") and recorded["hash"] != constitution.content_hash():
         notes.append(f"{path} changed since this run was trained: the base-model pane uses the file as it is now")
-    return constitution.persona.name, teacher_system_prompt(constitution), notes
+    return constitution.persona.name, persona_system_prompt(constitution, style), notes

@@ -43,7 +43,7 @@ from character_baker.core.config import SamplingConfig
 from character_baker.core.errors import UserError
 from character_baker.core.runs import RunDir, read_jsonl, stable_hash, write_jsonl_atomic
 from character_baker.core.stage import StageContext, StageResult
-from character_baker.core.system_prompts import teacher_system_prompt
+from character_baker.core.system_prompts import persona_system_prompt
 from character_baker.stages.training.batching import Batch, collate_sequences
 from character_baker.stages.training.losses import chunked_over_tokens, row_sums, tokens_per_row
 from character_baker.stages.training.push_pull import balance_callbacks, push_pull_losses
@@ -266,7 +266,7 @@ def run(ctx: StageContext) -> StageResult:
     prompts = random.Random(cfg.seed).sample(records, min(cfg.prompts, len(records)))
     regularisers = push_pull_losses(ctx.recipe, ctx.run, "sdft")  # reads the profile: fail before any work
     model, tokenizer = load_model(models.base, models)
-    system_prompt = teacher_system_prompt(ctx.constitution)
+    system_prompt = persona_system_prompt(ctx.constitution, ctx.recipe.generation.persona_prompt)
     answers, tokens = teacher_answers(ctx, model, tokenizer, prompts, system_prompt) if cfg.ce_coef else ({}, 0)
     student = ctx.recipe.generation.student
     sampling = student.sampling
