@@ -122,3 +122,18 @@ def test_shipped_example_recipes_validate(cli):
     for example in examples:
         code, _, err = cli("recipe", "validate", str(example), "--constitution", "constitutions/pirate.yaml")
         assert code == 0, err
+
+
+def test_a_partial_override_keeps_the_rest_of_a_factory_built_section():
+    # The judge's defaults (greedy, 16 tokens) come from a factory, not from SamplingConfig:
+    # setting only its batch size, in a preset or with --set, must keep them.
+    for preset in ("smoke", "small"):
+        judge = resolve_recipe([], preset=preset).recipe.generation.judge
+        assert (judge.sampling.temperature, judge.sampling.max_new_tokens) == (0.0, 16)
+    layer = parse_set_overrides(["generation.judge.batch_size=7", "generation.prompt_writer.sampling.seed=3"])
+    generation = resolve_recipe([layer]).recipe.generation
+    assert generation.judge.batch_size == 7 and generation.judge.sampling.max_new_tokens == 16
+    assert (generation.prompt_writer.sampling.temperature, generation.prompt_writer.sampling.seed) == (1.0, 3)
+    # A plain mapping is replaced whole, not merged.
+    weights = resolve_recipe([parse_set_overrides(["merge.weights={distill: 0.5}"])]).recipe.merge.weights
+    assert weights == {"distill": 0.5}

@@ -63,7 +63,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                        "micro_batch_size": 4, "max_length": 2048},
         "sdft": {"prompts": 200, "batch_size": 16, "micro_batch_size": 8},
         "profile": {"prompts": 100},
-        "eval": {"prompts": 100, "elo_pairs": 150, "coherence_pairs": 50},
+        # A few hundred answers are too few for the published classifier recipe (lr 5e-4, one epoch
+        # on thousands): on ~600 answers it can collapse to one class, so train gentler and longer.
+        "eval": {"prompts": 100, "elo_pairs": 150, "coherence_pairs": 50, "classifier_lr": 1e-4,
+                 "classifier_epochs": 3},
     },
     # The published data sizes (DESIGN.md section 1); the schema defaults already are these.
     "paper": {"prompts": {"questions_per_trait": 50, "general_prompts": 600}},
@@ -164,6 +167,26 @@ def load_recipe_file(path: str | Path) -> Layer:
     return Layer(name=f"--recipe {path}", values=data, file=str(path), lines=lines)
 
 
+def default_values(model: BaseModel | None = None) -> dict[str, Any]:
+    """The recipe defaults as nested dicts, the base every layer merges into.
+
+    Merging over the full defaults (not an empty dict) keeps the defaults of a section built by a
+    factory: a preset that sets only `generation.judge.batch_size` must keep the judge's greedy,
+    16-token sampling rather than fall back to SamplingConfig's own defaults. Plain mapping fields
+    (e.g. `merge.weights`) are left out, so a layer that sets one replaces it whole.
+    """
+    model = model if model is not None else Recipe()
+    dumped = model.model_dump(mode="json")
+    values: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            values[name] = default_values(value)
+        elif not isinstance(value, dict):
+            values[name] = dumped[name]
+    return values
+
+
 def resolve_recipe(layers: list[Layer], preset: str | None = None) -> ResolvedRecipe:
     """Merge layers over the defaults and a preset; validate; record each value's source."""
     chosen = preset
@@ -175,7 +198,7 @@ def resolve_recipe(layers: list[Layer], preset: str | None = None) -> ResolvedRe
         raise UserError.single("--preset", "preset", f"unknown preset '{chosen}'",
                                f"did you mean '{guess[0]}'?" if guess else f"use one of {', '.join(PRESETS)}")
     all_layers = [Layer(name=f"preset {chosen}", values=PRESETS[chosen])] + layers
-    merged: dict[str, Any] = {}
+    merged: dict[str, Any] = default_values()
     sources: dict[str, str] = {}
     for layer in all_layers:
         merged = _deep_merge(merged, layer.values)
