@@ -115,7 +115,9 @@ def test_show_json(capsys):
     shown = json.loads(out)
     assert code == 0 and shown["constitution"]["meta"]["name"] == "pirate"
     assert shown["question_counts"] == [5] * 10
-    assert len(shown["prompts"]) == 6
+    assert len(shown["prompts"]) == 7
+    assert shown["prompts"]["brief persona prompt (generation.persona_prompt: brief)"].startswith(
+        "You are Captain Rook, a weathered pirate captain.")
 
 
 def test_show_prints_user_markup_literally(tmp_path, capsys):

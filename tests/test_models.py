@@ -177,6 +177,16 @@ def test_devices_that_do_not_exist_are_user_errors():
         assert "models.device" in single_message(error)
 
 
+def test_under_a_launcher_auto_and_cuda_mean_this_ranks_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda:1")
+    assert resolve_device("cuda:0") == torch.device("cuda:0") and resolve_device("cpu") == torch.device("cpu")
+
+
 def test_save_model_replaces_a_folder_atomically_and_drops_stale_files(tmp_path: Path):
     target = tmp_path / "out"
     target.mkdir()

@@ -85,3 +85,16 @@ def test_two_cpu_processes_match_one_process_on_the_same_global_batch(tmp_path, 
     one_adapter = load_file(one.path("adapters", "distill", "adapter_model.safetensors"))
     for key in one_adapter:
         torch.testing.assert_close(two_adapter[key], one_adapter[key], rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_trains_without_autocast_and_keeps_it_otherwise(monkeypatch):
+    """Under FSDP the float32 LoRA shards must get float32 gradients: no bf16 autocast policy."""
+    from torch import nn
+
+    from character_baker.stages.training.trainer import _mixed_precision
+
+    bf16 = nn.Linear(2, 2).to(torch.bfloat16)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert _mixed_precision(bf16) == "bf16" and _mixed_precision(nn.Linear(2, 2)) == "no"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert _mixed_precision(bf16) == "no"

@@ -13,6 +13,7 @@ Hugging Face cache, then the Hub; an offline machine pulls catalogue models from
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -137,12 +138,18 @@ def _not_found(name: str, tried: list[str]) -> UserError:
 
 # ----------------------------------------------------------------------------- devices and dtypes
 def resolve_device(setting: "str | torch.device" = "auto") -> "torch.device":
-    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N' -> a torch.device (UserError if absent)."""
+    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N' -> a torch.device (UserError if absent).
+
+    Inside a multi-process launch (torchrun / accelerate set LOCAL_RANK), 'auto' and 'cuda' mean this
+    process's own GPU, cuda:LOCAL_RANK: FSDP refuses a model that sits on another rank's device.
+    """
     import torch
 
     if isinstance(setting, torch.device):
         return setting
     text = setting.strip().lower()
+    if text in ("auto", "cuda") and torch.cuda.is_available() and os.environ.get("LOCAL_RANK", "").isdigit():
+        return torch.device(f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}")
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if text == "cpu":

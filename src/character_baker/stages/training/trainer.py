@@ -110,7 +110,14 @@ def _train_on_cpu(model: nn.Module, world_size: int) -> bool:
 
 
 def _mixed_precision(model: nn.Module) -> str:
-    """Autocast for half-precision weights (LoRA weights and optimizer state stay float32)."""
+    """Autocast for half-precision weights (LoRA weights and optimizer state stay float32).
+
+    Under FSDP (`accelerate launch` with ACCELERATE_USE_FSDP) there is no autocast: FSDP's mixed
+    precision would cast the float32 LoRA weights to bf16 and hand back bf16 gradients for float32
+    shards; PEFT already casts each layer's input to its LoRA weights' dtype and back.
+    """
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
+        return "no"
     dtype = next(model.parameters()).dtype
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
 
