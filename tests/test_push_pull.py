@@ -125,3 +125,23 @@ def test_balance_holds_the_configured_ratio_during_dpo(tmp_path, tiny_lm):
     ratios = [r["push_pull_loss"] / (r["loss"] - r["push_pull_loss"]) for r in log[1:]]
     assert ratios == pytest.approx([0.25] * 3, rel=0.05)
     assert all(r["push_raw"] + r["pull_raw"] > 0 for r in log)
+
+
+def test_a_checkpoint_trained_with_the_regulariser_resumes_only_with_it(tmp_path, tiny_lm):
+    from tests.test_training_dpo import toy_config, toy_records
+
+    from character_baker.stages.training.dpo import train_dpo
+    from character_baker.testing import tiny_model
+
+    _, tokenizer = tiny_lm
+    run = RunDir.create(tmp_path / "run")
+
+    def train(with_term: bool) -> dict:
+        model = tiny_model(tokenizer=tokenizer)
+        extra = [PushPullRegulariser(targets_from_profile(fake_profile(4, model.config.hidden_size)), weight=0.1)]
+        return train_dpo(run, toy_records(16), model, tokenizer, toy_config(learning_rate=1e-4),
+                         extra_losses=extra if with_term else [])
+
+    assert train(True)["resumed_from_step"] == 0
+    assert train(True)["resumed_from_step"] == 4  # same objective and term: the last checkpoint is taken up
+    assert train(False)["resumed_from_step"] == 0  # without the term it is another run
