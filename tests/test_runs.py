@@ -19,6 +19,20 @@ def test_run_layout_and_manifest(tmp_path):
     assert [r.name for r in list_runs(tmp_path / "runs")] == ["pirate"]
 
 
+def test_atomic_write_gives_the_permissions_of_a_plain_write(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "new.json", {"a": 1})
+        assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+        os.chmod(tmp_path / "new.json", 0o640)
+        atomic_write_json(tmp_path / "new.json", {"a": 2})
+        assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o640  # an existing file keeps its mode
+    finally:
+        os.umask(old)
+
+
 def test_atomic_write_leaves_no_temp_files(tmp_path):
     atomic_write_json(tmp_path / "x.json", {"a": 1})
     atomic_write_json(tmp_path / "x.json", {"a": 2})
