@@ -102,12 +102,6 @@ def teacher_system_prompt(c: Constitution) -> str:
     return "\n\n".join(_character(c) + [_non_disclosure(c)])
 
 
-def first_sentences(text: str, limit: int = 2) -> str:
-    """The first `limit` sentences of a paragraph (the whole text if it has fewer)."""
-    sentences = re.split(r"(?<=[.!?])\s+", " ".join(text.split()))
-    return " ".join(sentences[:limit])
-
-
 def who_phrase(c: Constitution) -> str:
     """A short noun phrase for the character: the description's first clause, else the identity's."""
     text = " ".join((c.meta.description or c.persona.identity).split())
@@ -118,10 +112,10 @@ def who_phrase(c: Constitution) -> str:
 def brief_system_prompt(c: Constitution) -> str:
     """A two-sentence character card in the second person, for small teachers.
 
-    Models of ~100M-1B parameters lose a long system prompt. On SmolLM2-135M (20 probe questions
-    x 3 samples) the full teacher prompt (~1,800 tokens) answered in the character's voice about
-    half the time; a 550-token card with identity and traits, 9 of 20; a two-sentence card (who,
-    "you always talk like ...", five of their words), far more often, at a twentieth of the
+    Models of ~100M-1B parameters lose a long system prompt. Probing SmolLM2-135M with sampled
+    answers, the full teacher prompt (~1,800 tokens) answered in the character's voice to 6 of 12
+    questions; a 550-token card with identity and traits, 9 of 20; this card (who, "you always talk
+    like ...", five of their words), 38 of 60 (20 questions x 3 samples), at a twentieth of the
     prefill.
     """
     name, who, words = c.persona.name, who_phrase(c), c.persona.voice.vocabulary[:5]

@@ -83,17 +83,20 @@ class Condition:
         self.tokens_generated += sum(c.completion_tokens for c in completions)
         return completions
 
-    def prefetch(self, conversations: Sequence[Messages], sampling: "SamplingConfig", label: str) -> None:
+    def prefetch(self, conversations: Sequence[Messages], sampling: "SamplingConfig", label: str) -> list[str]:
         """Answer many conversations in one wide call so the response cache holds them.
 
         The measures then ask for them in their own small groups and read the cache. On a CPU a
         decode step costs about the same for 4 rows as for 64, so one wide call is several times
         faster than the same answers asked measure by measure. Tokens are counted when a measure
         reads its answers, not here. Only useful with the response cache on (`generation.cache`).
+        Returns the answer texts, in order.
         """
-        if conversations:
-            self.backend.generate([self.conversation(c) for c in conversations], sampling, n=1, adapter=self.adapter,
-                                  progress=f"{self.name}: {label}")
+        if not conversations:
+            return []
+        rows = self.backend.generate([self.conversation(c) for c in conversations], sampling, n=1,
+                                     adapter=self.adapter, progress=f"{self.name}: {label}")
+        return [row[0].text for row in rows]
 
     def describe(self) -> dict[str, Any]:
         """JSON description for the report."""

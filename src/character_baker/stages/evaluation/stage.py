@@ -135,10 +135,10 @@ def _prefetch(ctx: StageContext, conditions: ConditionSet, prompts: PromptSets) 
     base_answers = None
     for condition in conditions.conditions:
         attacks = attack_conversations(prompts.plain, base_answers, cfg.robustness_prompts)
-        condition.prefetch([c for group in (shared[0], attacks, *shared[1:]) for c in group], sampling, "answers")
-        if condition is conditions.base:
-            base_answers = [row[0].text for row in condition.backend.generate(
-                [condition.conversation(c) for c in shared[0][:cfg.robustness_prompts]], sampling, n=1)]
+        texts = condition.prefetch([c for group in (shared[0], attacks, *shared[1:]) for c in group], sampling,
+                                   "answers")
+        if condition is conditions.base:  # its plain answers come first
+            base_answers = texts[:min(cfg.robustness_prompts, len(prompts.plain))]
 
 
 def run(ctx: StageContext) -> StageResult:
