@@ -57,8 +57,9 @@ def _naive_token_logps(model, sequence, adapter: bool):
     return logps[torch.tensor(sequence.loss_mask[1:]).bool()]
 
 
+@pytest.mark.parametrize("share_prompt", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_each_dpo_term_equals_a_float64_hand_computation(tiny_tok, arch):
+def test_each_dpo_term_equals_a_float64_hand_computation(tiny_tok, arch, share_prompt):
     from character_baker.backends.models import attach_lora
     from character_baker.testing import tiny_model
 
@@ -75,8 +76,9 @@ def test_each_dpo_term_equals_a_float64_hand_computation(tiny_tok, arch):
     beta, nll_coef, kl_coef = 0.1, 0.1, 0.001
 
     scorer = ResponseScorer(model, chunk_size=3)
-    objective = DpoObjective(beta=beta, nll_coef=nll_coef, kl_coef=kl_coef)
-    objective._reference = score_pairs(scorer, pairs, tiny_tok.pad_token_id, batch_size=2, adapter=False)
+    objective = DpoObjective(beta=beta, nll_coef=nll_coef, kl_coef=kl_coef, share_prompt=share_prompt)
+    objective._reference = score_pairs(scorer, pairs, tiny_tok.pad_token_id, batch_size=2, adapter=False,
+                                       share_prompt=share_prompt)
     batch = objective.collate(pairs, tiny_tok.pad_token_id)
     loss, metrics = objective.loss(scorer, batch)
 

@@ -157,6 +157,10 @@ class DistillConfig(TrainingConfig):
     kl_coef: float = Field(0.001, ge=0, description="Per-token KL to the reference on chosen tokens, k3 estimator: mean of "
                                                     "exp(r) - r - 1 with r = log p_ref - log p_policy per token (reference "
                                                     "log-probs cached before training). Published: 0.001.")
+    share_prompt: bool = Field(
+        True, description="Prefix sharing: each pair runs as one row [prompt | chosen | rejected] whose rejected tokens "
+                          "cannot see the chosen ones, so the prompt is computed once (Wang et al. 2024); same loss, "
+                          "fewer tokens. Needs SDPA or eager attention and no push/pull regulariser (else two rows).")
     heldout_fraction: float = Field(0.05, ge=0.0, lt=1.0,
                                     description="Share of prompts (all their pairs) held out of training to measure "
                                                 "reward accuracy and margin after it.")

@@ -43,10 +43,16 @@ class Batch:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     counts: dict[str, float] = field(default_factory=dict)
     totals: dict[str, float] = field(default_factory=dict)
+    sequence_tokens: int | None = None  # set when rows pack several sequences (prefix sharing)
 
     @property
     def num_tokens(self) -> int:
-        """Real (non-padding) tokens in the batch."""
+        """Tokens of the sequences in the batch (padding excluded; a shared prefix counts once per sequence)."""
+        return self.sequence_tokens if self.sequence_tokens is not None else self.computed_tokens
+
+    @property
+    def computed_tokens(self) -> int:
+        """Real (non-padding) token positions the model runs."""
         return int(self.attention_mask.sum())
 
     def to(self, device: torch.device | str) -> "Batch":
@@ -54,7 +60,7 @@ class Batch:
         move = dict(non_blocking=True)
         return Batch(self.ids, self.input_ids.to(device, **move), self.attention_mask.to(device, **move),
                      self.loss_mask.to(device, **move), {k: v.to(device, **move) for k, v in self.extras.items()},
-                     dict(self.counts), dict(self.totals))
+                     dict(self.counts), dict(self.totals), self.sequence_tokens)
 
 
 def collate_sequences(sequences: Sequence[TokenizedSequence], pad_token_id: int) -> Batch:

@@ -8,7 +8,9 @@ no_grad, and cached in `adapters/<stage>/reference_logps.safetensors`, keyed by 
 hash of the tokens, with the base model's fingerprint in the file's metadata: a rerun (or a
 resume) reuses every entry that still matches and computes only what is missing.
 
-Chosen and rejected run in one forward (rows [chosen..., rejected...] of one padded batch).
+Chosen and rejected run in one forward: with `share_prompt` (the default) each pair is one row
+whose prompt is computed once (prefix sharing, see `packing`); otherwise rows [chosen...,
+rejected...] of one padded batch. Both layouts give the same log-probs.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from torch import nn
 from character_baker.core.config import DistillConfig
 from character_baker.core.runs import RunDir, stable_hash
 from character_baker.stages.training.batching import Batch, collate_sequences
-from character_baker.stages.training.losses import (ResponseScorer, dpo_loss, k3_kl, row_sums,
-                                                    tokens_per_row)
+from character_baker.stages.training.losses import (ResponseScorer, attention_implementation, dpo_loss, k3_kl,
+                                                    row_sums, tokens_per_row)
+from character_baker.stages.training.packing import MASKABLE_ATTENTION, collate_shared_prefix
 from character_baker.stages.training.tokenize import TokenizedPair, tokenize_preferences
 from character_baker.stages.training.trainer import ExtraLoss, run_training, sum_counts
 
@@ -50,11 +53,30 @@ def model_fingerprint(model: nn.Module) -> str:
     return stable_hash([getattr(config, "_name_or_path", ""), described, str(next(model.parameters()).dtype)])
 
 
-def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int) -> Batch:
-    """One padded batch: rows [chosen_1..chosen_n, rejected_1..rejected_n]."""
+def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int, share_prompt: bool = False) -> Batch:
+    """One padded batch: one prefix-shared row per pair, or rows [chosen_1..chosen_n, rejected_1..rejected_n]."""
+    if share_prompt:
+        return collate_shared_prefix(pairs, pad_token_id)
     batch = collate_sequences([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_token_id)
     batch.ids = [pair.id for pair in pairs]
     return batch
+
+
+def can_share_prompt(model: nn.Module) -> bool:
+    """True when the model's attention takes the custom 4D mask prefix sharing needs (SDPA, eager)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return attention_implementation(base) in MASKABLE_ATTENTION
+
+
+def score_batch(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token log-probs [chosen of each pair..., rejected of each pair...], trained tokens per sequence)."""
+    if "segments" in batch.extras:
+        extras = batch.extras
+        token_logps, _ = model(batch.input_ids, batch.attention_mask, batch.loss_mask, extras["position_ids"],
+                               extras["segments"], extras["gather"], extras["labels"])
+        return token_logps, extras["row_tokens"]
+    token_logps, _ = model(batch.input_ids, batch.attention_mask, batch.loss_mask)
+    return token_logps, tokens_per_row(batch.loss_mask)
 
 
 def _unwrap(model: nn.Module) -> ResponseScorer:
@@ -65,7 +87,7 @@ def _unwrap(model: nn.Module) -> ResponseScorer:
 
 @torch.no_grad()
 def score_pairs(model: nn.Module, pairs: Sequence[TokenizedPair], pad_token_id: int, batch_size: int,
-                adapter: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                adapter: bool = True, share_prompt: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{pair_key: (chosen token log-probs, rejected token log-probs)} on the CPU, in eval mode."""
     scorer, was_training = _unwrap(model), model.training
     model.eval()
@@ -73,13 +95,13 @@ def score_pairs(model: nn.Module, pairs: Sequence[TokenizedPair], pad_token_id: 
     try:
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start:start + batch_size]
-            batch = collate_pairs(chunk, pad_token_id).to(next(model.parameters()).device)
+            batch = collate_pairs(chunk, pad_token_id, share_prompt).to(next(model.parameters()).device)
             if adapter:
-                token_logps, _ = model(batch.input_ids, batch.attention_mask, batch.loss_mask)
+                token_logps, counts = score_batch(model, batch)
             else:
                 with scorer.adapter_disabled():
-                    token_logps, _ = model(batch.input_ids, batch.attention_mask, batch.loss_mask)
-            rows = token_logps.float().cpu().split(tokens_per_row(batch.loss_mask).tolist())
+                    token_logps, counts = score_batch(model, batch)
+            rows = token_logps.float().cpu().split(counts.tolist())
             for index, pair in enumerate(chunk):
                 scores[pair_key(pair)] = (rows[index].clone(), rows[index + len(chunk)].clone())
     finally:
@@ -112,7 +134,7 @@ def _write_cache(path: Path, fingerprint: str, cache: dict[str, tuple[torch.Tens
 
 
 def reference_logps(model: nn.Module, pairs: Sequence[TokenizedPair], path: Path, pad_token_id: int,
-                    batch_size: int) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
+                    batch_size: int, share_prompt: bool = False) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
     """Cached reference (adapter off) token log-probs of every pair, computing only missing ones; (cache, computed)."""
     from accelerate import PartialState
     from accelerate.utils import gather_object
@@ -130,7 +152,7 @@ def reference_logps(model: nn.Module, pairs: Sequence[TokenizedPair], path: Path
     mine += [batches[0]] * (rounds - len(mine))
     scores = {}
     for batch in mine:
-        scores.update(score_pairs(model, batch, pad_token_id, len(batch), adapter=False))
+        scores.update(score_pairs(model, batch, pad_token_id, len(batch), adapter=False, share_prompt=share_prompt))
     if state.num_processes > 1:
         scores = dict(item for part in gather_object([scores]) for item in part.items())
     cache.update(scores)
@@ -149,6 +171,7 @@ class DpoObjective:
     kl_coef: float
     stage: str = "distill"
     reference_batch_size: int = 4
+    share_prompt: bool = False
     name: str = "dpo"
     _reference: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
@@ -161,13 +184,13 @@ class DpoObjective:
         path = run_dir.path("adapters", self.stage, REFERENCE_FILE)
         started = time.perf_counter()
         # Padding sits right of every real token and is masked, so its id cannot change a log-prob.
-        self._reference, computed = reference_logps(model, dataset, path, 0, self.reference_batch_size)
+        self._reference, computed = reference_logps(model, dataset, path, 0, self.reference_batch_size, self.share_prompt)
         return {"reference_file": str(path), "reference_computed": computed, "reference_reused": len(dataset) - computed,
                 "reference_seconds": time.perf_counter() - started}
 
     def collate(self, pairs: Sequence[TokenizedPair], pad_token_id: int) -> Batch:
         """Chosen and rejected rows in one batch, with the reference log-probs aligned to its trained tokens."""
-        batch = collate_pairs(pairs, pad_token_id)
+        batch = collate_pairs(pairs, pad_token_id, self.share_prompt)
         references = [self._reference[pair_key(pair)] for pair in pairs]
         batch.extras["ref_logps"] = torch.cat([c for c, _ in references] + [r for _, r in references])
         batch.counts = sum_counts([self.counts(pair) for pair in pairs])
@@ -175,9 +198,8 @@ class DpoObjective:
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """This micro-batch's contribution to the global-batch loss, and its metrics."""
-        token_logps, _ = model(batch.input_ids, batch.attention_mask, batch.loss_mask)
+        token_logps, counts = score_batch(model, batch)
         reference = batch.extras["ref_logps"]
-        counts = tokens_per_row(batch.loss_mask)
         pairs = len(counts) // 2
         policy, ref = row_sums(token_logps, counts), row_sums(reference, counts)
         losses, chosen_rewards, rejected_rewards = dpo_loss(policy[:pairs], policy[pairs:], ref[:pairs], ref[pairs:],
@@ -205,8 +227,9 @@ def evaluate_pairs(model: nn.Module, tokenizer: Any, records: Sequence[dict], be
     pairs, _ = tokenize_preferences(tokenizer, records, max_length=10**9)
     scorer = ResponseScorer(model)
     pad = tokenizer.pad_token_id or 0
-    policy = score_pairs(scorer, pairs, pad, batch_size, adapter=True)
-    reference = score_pairs(scorer, pairs, pad, batch_size, adapter=False)
+    share = can_share_prompt(model)
+    policy = score_pairs(scorer, pairs, pad, batch_size, adapter=True, share_prompt=share)
+    reference = score_pairs(scorer, pairs, pad, batch_size, adapter=False, share_prompt=share)
     margins = []
     for pair in pairs:
         (pc, pr), (rc, rr) = policy[pair_key(pair)], reference[pair_key(pair)]
@@ -219,8 +242,10 @@ def train_dpo(run_dir: RunDir, records: list[dict], model: nn.Module, tokenizer:
               callbacks: Sequence[Any] = (), base_model: str | None = None) -> dict[str, Any]:
     """Train a LoRA adapter on distill records {id, messages, chosen, rejected} with DPO; return the summary."""
     pairs, dropped = tokenize_preferences(tokenizer, records, cfg.max_length)
+    # The push/pull regulariser reads [rows, seq] activations of whole sequences: two-row layout.
+    share = cfg.share_prompt and not extra_losses and can_share_prompt(model)
     objective = DpoObjective(beta=cfg.beta, nll_coef=cfg.nll_coef, kl_coef=cfg.kl_coef, stage=stage,
-                             reference_batch_size=cfg.micro_batch_size)
+                             reference_batch_size=cfg.micro_batch_size, share_prompt=share)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     summary = run_training(run_dir, pairs, model, cfg, objective, stage=stage, pad_token_id=pad,
                            extra_losses=extra_losses, callbacks=callbacks, console=console, base_model=base_model)

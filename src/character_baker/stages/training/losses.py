@@ -128,11 +128,20 @@ class ResponseScorer(nn.Module):
         """The output projection (hidden -> vocabulary logits)."""
         return self._base().get_output_embeddings()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+                gather: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        decoder = self._base().get_decoder()
+        if segments is not None:  # prefix-shared rows (see `packing`): explicit positions, mask and targets
+            from character_baker.stages.training.packing import attention_mask_4d
+
+            dtype = decoder.get_input_embeddings().weight.dtype
+            mask = attention_mask_4d(segments, dtype, additive=attention_implementation(self._base()) == "eager")
+            outputs = decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+            hidden = outputs.last_hidden_state.reshape(-1, outputs.last_hidden_state.shape[-1])[gather]
+            return chunked_token_logprobs(hidden, self.lm_head, labels, self.chunk_size), hidden
         padded = bool((attention_mask == 0).any())
-        outputs = self._base().get_decoder()(input_ids=input_ids, attention_mask=attention_mask if padded else None,
-                                             use_cache=False)
+        outputs = decoder(input_ids=input_ids, attention_mask=attention_mask if padded else None, use_cache=False)
         trained = loss_mask[:, 1:].bool()
         hidden = outputs.last_hidden_state[:, :-1][trained]
         labels = input_ids[:, 1:][trained]
@@ -143,6 +152,12 @@ class ResponseScorer(nn.Module):
         """Run the base weights: the reference/teacher, never a second copy of the model."""
         with self.model.disable_adapter():
             yield
+
+
+def attention_implementation(model: nn.Module) -> str:
+    """The model's attention implementation ('sdpa', 'eager', 'flash_attention_2', ...)."""
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_attn_implementation", None) or "eager")
 
 
 def tokens_per_row(loss_mask: torch.Tensor) -> torch.Tensor:

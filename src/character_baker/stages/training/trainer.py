@@ -225,7 +225,8 @@ class LoraTrainer:
     def fingerprint(self) -> str:
         """What a checkpoint must match to be resumed: the data, the objective and the settings that shape the run."""
         settings = self.cfg.model_dump(exclude={"save_steps", "save_total_limit", "report_to", "micro_batch_size",
-                                                "gradient_checkpointing", "logprob_chunk_size", "torch_compile"})
+                                                "gradient_checkpointing", "logprob_chunk_size", "torch_compile",
+                                                "share_prompt"})
         extras = [getattr(extra, "fingerprint", extra.name) for extra in self.extra_losses]
         return stable_hash([self.stage, self.objective.name, settings, [getattr(e, "id", "") for e in self.examples],
                             [len(e) for e in self.examples], extras])
@@ -297,6 +298,7 @@ class LoraTrainer:
         metrics = {key: value.detach().float() for key, value in metrics.items()}
         metrics["loss"] = loss.detach().float()
         metrics["tokens"] = torch.tensor(float(batch.num_tokens), device=self.accelerator.device)
+        metrics["computed_tokens"] = torch.tensor(float(batch.computed_tokens), device=self.accelerator.device)
         return metrics
 
     def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:

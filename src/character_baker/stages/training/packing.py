@@ -1,0 +1,114 @@
+"""Prefix sharing for preference pairs: the prompt runs once, not twice.
+
+A pair's chosen and rejected sequences share their prompt token for token. Instead of two rows
+`[prompt | chosen]` and `[prompt | rejected]`, a pair becomes one row
+
+    [shared prefix | rest of chosen | rest of rejected]
+     positions 0..L-1 | L..len(chosen)-1 | L..len(rejected)-1      (position ids restart at L)
+
+with an attention mask that is causal, except that the rejected tokens never see the chosen ones
+(Wang et al. 2024, "Accelerating Direct Preference Optimization with Prefix Sharing"). Every
+token then sees exactly the context it has in its own sequence, at the same position, so each
+log-prob is the one the two-row layout computes (up to floating-point summation order) and the
+loss and gradients are the same; the shared prefix is computed once. The shared prefix is the
+longest common token prefix of the two sequences (the prompt, plus any identical opening of the
+two answers), leaving at least one token in each branch.
+
+The first token of each branch is predicted from the last shared position, so log-probs are
+read through explicit gather indices: `gather` (flat indices into [rows x width] hidden states)
+and `labels`, ordered [chosen of pair 1..n, rejected of pair 1..n] like the two-row layout.
+
+The mask is built on the device from per-token segment ids (-1 padding, 0 shared, 1 chosen,
+2 rejected): boolean for SDPA, additive float for eager attention.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from character_baker.stages.training.batching import Batch
+from character_baker.stages.training.tokenize import TokenizedPair, TokenizedSequence
+
+PAD, SHARED, CHOSEN, REJECTED = -1, 0, 1, 2
+#: attention implementations that accept a custom 4D mask (others run pairs as two rows).
+MASKABLE_ATTENTION = ("sdpa", "eager")
+
+
+def shared_prefix_length(pair: TokenizedPair) -> int:
+    """Tokens the two sequences share from the start, leaving at least one token in each branch."""
+    chosen, rejected = pair.chosen.input_ids, pair.rejected.input_ids
+    limit = min(len(chosen), len(rejected)) - 1
+    length = 0
+    while length < limit and chosen[length] == rejected[length]:
+        length += 1
+    return length
+
+
+def packed_length(pair: TokenizedPair) -> int:
+    """Tokens of the pair's shared row (what is computed)."""
+    return len(pair.chosen) + len(pair.rejected) - shared_prefix_length(pair)
+
+
+def _targets(sequence: TokenizedSequence, row_start: int, shared: int, branch_start: int) -> tuple[list[int], list[int]]:
+    """Flat hidden-state indices and labels of a sequence's trained tokens inside its packed row."""
+    gather, labels = [], []
+    for index in range(1, len(sequence)):
+        if sequence.loss_mask[index]:
+            source = index - 1  # the position whose output predicts token `index`
+            packed = source if source < shared else branch_start + source - shared
+            gather.append(row_start + packed)
+            labels.append(sequence.input_ids[index])
+    return gather, labels
+
+
+def collate_shared_prefix(pairs: Sequence[TokenizedPair], pad_token_id: int) -> Batch:
+    """One row per pair, right-padded; extras hold position ids, segments, gather indices, labels, row_tokens.
+
+    `attention_mask` (2D) marks the computed tokens; `num_tokens` counts the pair's two sequences
+    (as the two-row layout does), so throughput figures mean the same in both layouts.
+    """
+    lengths = [packed_length(pair) for pair in pairs]
+    width = max(lengths)
+    input_ids = torch.full((len(pairs), width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(pairs), width), dtype=torch.long)
+    segments = torch.full((len(pairs), width), PAD, dtype=torch.int8)
+    chosen_targets, rejected_targets = [], []
+    for row, pair in enumerate(pairs):
+        shared = shared_prefix_length(pair)
+        chosen, rejected = pair.chosen.input_ids, pair.rejected.input_ids
+        ids = list(chosen) + list(rejected[shared:])
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        position_ids[row, :len(ids)] = torch.tensor(list(range(len(chosen))) + list(range(shared, len(rejected))))
+        segments[row, :shared] = SHARED
+        segments[row, shared:len(chosen)] = CHOSEN
+        segments[row, len(chosen):len(ids)] = REJECTED
+        chosen_targets.append(_targets(pair.chosen, row * width, shared, shared))
+        rejected_targets.append(_targets(pair.rejected, row * width, shared, len(chosen)))
+    targets = chosen_targets + rejected_targets
+    attention_mask = (segments != PAD).long()
+    batch = Batch([pair.id for pair in pairs], input_ids, attention_mask, torch.zeros_like(attention_mask))
+    batch.extras.update(position_ids=position_ids, segments=segments,
+                        gather=torch.tensor([i for g, _ in targets for i in g], dtype=torch.long),
+                        labels=torch.tensor([t for _, l in targets for t in l], dtype=torch.long),
+                        row_tokens=torch.tensor([len(g) for g, _ in targets], dtype=torch.long))
+    batch.sequence_tokens = sum(len(pair) for pair in pairs)
+    return batch
+
+
+def attention_mask_4d(segments: torch.Tensor, dtype: torch.dtype, additive: bool) -> torch.Tensor:
+    """[rows, 1, width, width] mask from segment ids: causal, no rejected -> chosen, no padding keys.
+
+    Boolean (True = attend) for SDPA; for eager attention, 0 where allowed and the dtype's minimum
+    elsewhere. A padding query attends to itself, so no softmax row is empty (no NaN anywhere).
+    """
+    width = segments.shape[1]
+    index = torch.arange(width, device=segments.device)
+    query, key = segments[:, None, :, None], segments[:, None, None, :]
+    allowed = ((index[None, None, None, :] <= index[None, None, :, None]) & (key >= 0) & (query >= 0)
+               & ((key == SHARED) | (key == query)))
+    allowed |= torch.eye(width, dtype=torch.bool, device=segments.device)
+    if not additive:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill_(~allowed, torch.finfo(dtype).min)
