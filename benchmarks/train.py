@@ -10,11 +10,13 @@ same token ids. When `trl` is importable, TRL's DPOTrainer trains the same model
 same data with the same LoRA settings in the same process, and the ratios are printed.
 
 Conventions (each number in the table means exactly this):
-- policy tokens/s: tokens through the policy's forward and backward per second (chosen and
-  rejected, prompt and response; no padding here), median over the timed steps; the first
-  `--warmup-steps` optimiser steps are not timed. The reference log-prob pass (once, before
-  training, in both trainers) is reported separately.
-- MFU: model FLOPs per token = 6 N + 12 L H Q T (PaLM, Chowdhery et al. 2022, appendix B),
+- policy tokens/s: tokens of the pairs trained per second (chosen and rejected sequences, prompt
+  and response, no padding: 2 x seq-len per pair, however they are computed), median over the
+  timed steps; the first `--warmup-steps` optimiser steps are not timed. The reference log-prob
+  pass (once, before training, in both trainers) is reported separately.
+- computed tokens/s: token positions the policy actually runs per second. With prefix sharing
+  (ours, default) a pair's prompt runs once, so this is below policy tokens/s.
+- MFU: computed tokens/s x model FLOPs per token = 6 N + 12 L H Q T (PaLM, Chowdhery et al. 2022, appendix B),
   with N = every matmul weight of the base model (output head included, input embedding lookup
   excluded); LoRA training is counted as the standard 6N, as published MFU figures are; L
   layers, H heads, Q head dim, T = sequence length. Divided by this machine's *measured* peak:
@@ -161,7 +163,9 @@ def run_ours(args: argparse.Namespace, model: Any, tokenizer: Any, records: list
     cfg = DistillConfig(batch_size=args.pairs_per_step, micro_batch_size=args.micro_batch_size or args.pairs_per_step,
                         max_length=args.seq_len, gradient_checkpointing=args.gradient_checkpointing, save_steps=10**6,
                         lora={"r": args.lora_r, "alpha": 2 * args.lora_r}, logprob_chunk_size=args.chunk_size,
-                        torch_compile=args.compile)
+                        torch_compile=args.compile, share_prompt=not args.no_share_prompt,
+                        offload_optimizer=args.offload_optimizer, offload_activations=args.offload_activations,
+                        offload_embeddings=args.offload_embeddings)
     steps: list[dict] = []
     callbacks = [steps.append] + ([profile_step(args.warmup_steps + 1)] if args.profile else [])
     with tempfile.TemporaryDirectory() as scratch:
@@ -169,6 +173,7 @@ def run_ours(args: argparse.Namespace, model: Any, tokenizer: Any, records: list
     timed = steps[args.warmup_steps:]
     reference_tokens = 2 * args.seq_len * summary["prepare"]["reference_computed"]
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
+            "computed_tokens_per_s": statistics.median(r["computed_tokens"] / r["step_seconds"] for r in timed),
             "step_seconds": statistics.median(r["step_seconds"] for r in timed),
             "peak_memory_gb": max(r["peak_memory_gb"] for r in timed),
             "reference_tokens_per_s": reference_tokens / summary["prepare"]["reference_seconds"],
@@ -225,6 +230,7 @@ def run_trl(args: argparse.Namespace, model: Any, tokenizer: Any, records: list[
     tokens_per_step = 2 * args.seq_len * args.pairs_per_step
     peak = timer.peak if device.type == "cuda" else _host_peak_gb()
     return {"tokens_per_s": statistics.median(tokens_per_step / s for s in timed),
+            "computed_tokens_per_s": statistics.median(tokens_per_step / s for s in timed),
             "step_seconds": statistics.median(timed), "peak_memory_gb": peak,
             "reference_tokens_per_s": float("nan"), "final_loss": float("nan")}
 
@@ -270,24 +276,31 @@ def markdown(args: argparse.Namespace, device: torch.device, peak_tflops: float,
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"\n## LoRA DPO training: {args.config}, {args.pairs_per_step} pairs x {args.seq_len} tokens per step, "
              f"LoRA r{args.lora_r}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}"
-             f"{', torch.compile (ours)' if args.compile else ''}\n",
+             f"{', ' + ', '.join(our_options(args)) if our_options(args) else ''}\n",
              f"- machine: {machine_description(device)}; measured matmul peak {peak_tflops:.3g} TFLOP/s "
              f"({'bf16' if device.type == 'cuda' else 'float32'})",
              f"- date: {when}; versions: {versions()}",
              f"- command: `{' '.join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}`",
              f"- model FLOPs/token (6N + 12LHQT): {per_token / 1e9:.3g} GFLOP; timed steps: {args.steps} "
              f"after {args.warmup_steps} warm-up" + (f"\n- note: {args.note}" if args.note else "") + "\n",
-             "| trainer | policy tokens/s | MFU | step (s) | peak memory (GiB) | reference pass tokens/s |",
-             "|---|---|---|---|---|---|"]
+             "| trainer | policy tokens/s | computed tokens/s | MFU | step (s) | peak memory (GiB) | reference pass tokens/s |",
+             "|---|---|---|---|---|---|---|"]
     for name, row in results.items():
-        mfu = row["tokens_per_s"] * per_token / (peak_tflops * 1e12)
-        lines.append(f"| {name} | {row['tokens_per_s']:,.0f} | {mfu:.1%} | {row['step_seconds']:.3f} | "
-                     f"{row['peak_memory_gb']:.1f} | {_rate(row['reference_tokens_per_s'])} |")
+        mfu = row["computed_tokens_per_s"] * per_token / (peak_tflops * 1e12)
+        lines.append(f"| {name} | {row['tokens_per_s']:,.0f} | {row['computed_tokens_per_s']:,.0f} | {mfu:.1%} | "
+                     f"{row['step_seconds']:.3f} | {row['peak_memory_gb']:.2f} | {_rate(row['reference_tokens_per_s'])} |")
     if len(results) == 2:
         ours, theirs = results.values()
         lines.append(f"\ncharacter-baker vs TRL: tokens/s x{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}, "
                      f"peak memory x{ours['peak_memory_gb'] / theirs['peak_memory_gb']:.2f}")
     return "\n".join(lines) + "\n"
+
+
+def our_options(args: argparse.Namespace) -> list[str]:
+    """Our trainer's non-default switches in this run, for the section title."""
+    names = {"compile": "torch.compile", "no_share_prompt": "no prefix sharing", "offload_optimizer": "optimizer offload",
+             "offload_activations": "activation offload", "offload_embeddings": "embedding offload"}
+    return [f"{label} (ours)" for key, label in names.items() if getattr(args, key)]
 
 
 def _rate(value: float) -> str:
@@ -301,12 +314,12 @@ def print_table(args: argparse.Namespace, peak_tflops: float, per_token: float, 
 
     table = Table(title=f"LoRA DPO {args.config}: {args.pairs_per_step} x {args.seq_len}-token pairs per step")
     table.add_column("trainer", no_wrap=True)
-    for column in ("policy tokens/s", "MFU", "step (s)", "peak GiB", "reference tokens/s"):
+    for column in ("policy tokens/s", "computed tokens/s", "MFU", "step (s)", "peak GiB", "reference tokens/s"):
         table.add_column(column, justify="right")
     for name, row in results.items():
-        mfu = row["tokens_per_s"] * per_token / (peak_tflops * 1e12)
-        table.add_row(name, f"{row['tokens_per_s']:,.0f}", f"{mfu:.1%}", f"{row['step_seconds']:.3f}",
-                      f"{row['peak_memory_gb']:.1f}", _rate(row["reference_tokens_per_s"]))
+        mfu = row["computed_tokens_per_s"] * per_token / (peak_tflops * 1e12)
+        table.add_row(name, f"{row['tokens_per_s']:,.0f}", f"{row['computed_tokens_per_s']:,.0f}", f"{mfu:.1%}",
+                      f"{row['step_seconds']:.3f}", f"{row['peak_memory_gb']:.2f}", _rate(row["reference_tokens_per_s"]))
     Console().print(table)
 
 
@@ -319,6 +332,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--micro-batch-size", type=int, default=None, help="pairs per forward (default: all)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch_compile=True (our trainer only)")
+    parser.add_argument("--no-share-prompt", action="store_true", help="share_prompt=False: two rows per pair (ours)")
+    parser.add_argument("--offload-optimizer", action="store_true", help="offload_optimizer=True (ours)")
+    parser.add_argument("--offload-activations", action="store_true", help="offload_activations=True (ours)")
+    parser.add_argument("--offload-embeddings", action="store_true", help="offload_embeddings=True (ours)")
     parser.add_argument("--steps", type=int, default=8, help="timed optimiser steps")
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed optimiser steps first")
     parser.add_argument("--lora-r", type=int, default=64, help="LoRA rank (alpha = 2r)")

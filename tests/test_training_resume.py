@@ -23,10 +23,16 @@ def kill_at(step: int):
     return callback
 
 
-def test_four_steps_straight_equal_two_steps_kill_and_two_more(tmp_path, tiny_tok):
+OFFLOAD = dict(offload_optimizer=True, offload_activations=True, offload_embeddings=True, gradient_checkpointing=True)
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["plain", "offloaded"])
+def test_four_steps_straight_equal_two_steps_kill_and_two_more(tmp_path, tiny_tok, offload):
     # Dropout, warm-up and a cosine schedule make the RNG, scheduler and optimizer state matter;
-    # 8 pairs in batches of 4 over 2 epochs put the resume point on an epoch boundary.
-    cfg = toy_config(epochs=2.0, warmup_ratio=0.5, lr_scheduler="cosine", lora={"r": 8, "alpha": 16, "dropout": 0.1})
+    # 8 pairs in batches of 4 over 2 epochs put the resume point on an epoch boundary. Offloaded:
+    # the CPU masters and CPU optimizer state are what is saved and restored.
+    cfg = toy_config(epochs=2.0, warmup_ratio=0.5, lr_scheduler="cosine", lora={"r": 8, "alpha": 16, "dropout": 0.1},
+                     **(OFFLOAD if offload else {}))
     records = toy_records(8)
 
     straight = RunDir.create(tmp_path / "straight")

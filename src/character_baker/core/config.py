@@ -137,6 +137,17 @@ class TrainingConfig(Section):
     lr_scheduler: Literal["linear", "cosine"] = Field(
         "linear", description="Decay after warm-up, to zero at the last step. TRL's default: linear.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the LoRA weights. TRL's default: 0.")
+    offload_optimizer: bool = Field(
+        False, description="ZeRO-Offload: float32 master LoRA weights, gradients and AdamW moments in CPU memory, "
+                           "the GPU keeps a bf16 copy; gradients stream to the CPU during backward and the CPU's fused "
+                           "AdamW steps there. Same math; saves ~15 bytes per LoRA weight of GPU memory; one process only.")
+    offload_activations: bool = Field(
+        False, description="With gradient_checkpointing: each layer's saved input goes to pinned CPU memory during "
+                           "forward and comes back one layer ahead in backward (side stream, overlapped). Saves "
+                           "~tokens x hidden x 2 bytes per layer; one process only.")
+    offload_embeddings: bool = Field(
+        False, description="Keep the frozen input embedding table in CPU memory and look rows up there (1 GiB less "
+                           "GPU memory for a 128k-vocabulary 8B model); not for tied embeddings.")
     logprob_chunk_size: int = Field(
         512, ge=1, description="Response tokens per lm_head chunk: the vocabulary-wide logits of only this many tokens "
                                "exist at once (never [batch, seq, vocab]). Larger = a little faster, more memory.")

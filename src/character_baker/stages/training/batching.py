@@ -44,6 +44,7 @@ class Batch:
     counts: dict[str, float] = field(default_factory=dict)
     totals: dict[str, float] = field(default_factory=dict)
     sequence_tokens: int | None = None  # set when rows pack several sequences (prefix sharing)
+    host_input_ids: torch.Tensor | None = None  # the CPU copy of input_ids once the batch is on a GPU
 
     @property
     def num_tokens(self) -> int:
@@ -60,7 +61,8 @@ class Batch:
         move = dict(non_blocking=True)
         return Batch(self.ids, self.input_ids.to(device, **move), self.attention_mask.to(device, **move),
                      self.loss_mask.to(device, **move), {k: v.to(device, **move) for k, v in self.extras.items()},
-                     dict(self.counts), dict(self.totals), self.sequence_tokens)
+                     dict(self.counts), dict(self.totals), self.sequence_tokens,
+                     self.input_ids if self.input_ids.device.type == "cpu" else self.host_input_ids)
 
 
 def collate_sequences(sequences: Sequence[TokenizedSequence], pad_token_id: int) -> Batch:

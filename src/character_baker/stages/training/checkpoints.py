@@ -95,11 +95,17 @@ def save_checkpoint(stage_dir: Path, step: int, *, peft_model: Any, model_state:
 
 
 def load_checkpoint(folder: Path, *, scorer: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    rank: int, world_size: int) -> int:
-    """Restore weights, optimizer, scheduler and (same world size only) RNG; return the step."""
+                    rank: int, world_size: int, offloaded: Any = None) -> int:
+    """Restore weights, optimizer, scheduler and (same world size only) RNG; return the step.
+
+    `offloaded` (an `OffloadedAdamW`) restores its CPU masters and optimizer instead of the scorer's.
+    """
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
-    set_model_state_dict(scorer, state["model"], options=StateDictOptions(full_state_dict=True, strict=False))
-    set_optimizer_state_dict(scorer, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    if offloaded is not None:
+        offloaded.load_state_dicts(state["model"], state["optimizer"])
+    else:
+        set_model_state_dict(scorer, state["model"], options=StateDictOptions(full_state_dict=True, strict=False))
+        set_optimizer_state_dict(scorer, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
     if len(state["rng"]) == world_size:
         set_rng_state(state["rng"][rank])

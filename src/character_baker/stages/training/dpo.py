@@ -31,7 +31,8 @@ from character_baker.core.runs import RunDir, stable_hash
 from character_baker.stages.training.batching import Batch, collate_sequences
 from character_baker.stages.training.losses import (ResponseScorer, attention_implementation, dpo_loss, k3_kl,
                                                     row_sums, tokens_per_row)
-from character_baker.stages.training.packing import MASKABLE_ATTENTION, collate_shared_prefix
+from character_baker.stages.training.packing import (MASKABLE_ATTENTION, collate_shared_prefix, restore_attention,
+                                                     use_flex_attention)
 from character_baker.stages.training.tokenize import TokenizedPair, tokenize_preferences
 from character_baker.stages.training.trainer import ExtraLoss, run_training, sum_counts
 
@@ -73,9 +74,10 @@ def score_batch(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Ten
     if "segments" in batch.extras:
         extras = batch.extras
         token_logps, _ = model(batch.input_ids, batch.attention_mask, batch.loss_mask, extras["position_ids"],
-                               extras["segments"], extras["gather"], extras["labels"])
+                               extras["segments"], extras["gather"], extras["labels"],
+                               host_input_ids=batch.host_input_ids)
         return token_logps, extras["row_tokens"]
-    token_logps, _ = model(batch.input_ids, batch.attention_mask, batch.loss_mask)
+    token_logps, _ = model(batch.input_ids, batch.attention_mask, batch.loss_mask, host_input_ids=batch.host_input_ids)
     return token_logps, tokens_per_row(batch.loss_mask)
 
 
@@ -247,6 +249,11 @@ def train_dpo(run_dir: RunDir, records: list[dict], model: nn.Module, tokenizer:
     objective = DpoObjective(beta=cfg.beta, nll_coef=cfg.nll_coef, kl_coef=cfg.kl_coef, stage=stage,
                              reference_batch_size=cfg.micro_batch_size, share_prompt=share)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    summary = run_training(run_dir, pairs, model, cfg, objective, stage=stage, pad_token_id=pad,
-                           extra_losses=extra_losses, callbacks=callbacks, console=console, base_model=base_model)
-    return {**summary, "pairs": len(pairs), "dropped_too_long": dropped}
+    restore = use_flex_attention(model) if share else None  # GPU: block-sparse attention for the packed rows
+    try:
+        summary = run_training(run_dir, pairs, model, cfg, objective, stage=stage, pad_token_id=pad,
+                               extra_losses=extra_losses, callbacks=callbacks, console=console, base_model=base_model)
+    finally:
+        restore_attention(model, restore)
+    return {**summary, "pairs": len(pairs), "dropped_too_long": dropped,
+            "attention": "flex_attention" if restore else attention_implementation(model)}

@@ -130,18 +130,26 @@ class ResponseScorer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
                 position_ids: torch.Tensor | None = None, segments: torch.Tensor | None = None,
-                gather: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                gather: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                host_input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         decoder = self._base().get_decoder()
+        tokens = {"input_ids": input_ids}
+        if host_input_ids is not None and getattr(decoder.get_input_embeddings(), "host_lookup", False):
+            tokens = {"inputs_embeds": decoder.get_input_embeddings()(host_input_ids)}  # no wait for the GPU
         if segments is not None:  # prefix-shared rows (see `packing`): explicit positions, mask and targets
-            from character_baker.stages.training.packing import attention_mask_4d
+            from character_baker.stages.training.packing import attention_mask_4d, flex_block_mask
 
-            dtype = decoder.get_input_embeddings().weight.dtype
-            mask = attention_mask_4d(segments, dtype, additive=attention_implementation(self._base()) == "eager")
-            outputs = decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+            implementation = attention_implementation(self._base())
+            if implementation == "flex_attention":
+                mask = flex_block_mask(segments)
+            else:
+                dtype = decoder.get_input_embeddings().weight.dtype
+                mask = attention_mask_4d(segments, dtype, additive=implementation == "eager")
+            outputs = decoder(**tokens, attention_mask=mask, position_ids=position_ids, use_cache=False)
             hidden = outputs.last_hidden_state.reshape(-1, outputs.last_hidden_state.shape[-1])[gather]
             return chunked_token_logprobs(hidden, self.lm_head, labels, self.chunk_size), hidden
         padded = bool((attention_mask == 0).any())
-        outputs = decoder(input_ids=input_ids, attention_mask=attention_mask if padded else None, use_cache=False)
+        outputs = decoder(**tokens, attention_mask=attention_mask if padded else None, use_cache=False)
         trained = loss_mask[:, 1:].bool()
         hidden = outputs.last_hidden_state[:, :-1][trained]
         labels = input_ids[:, 1:][trained]

@@ -19,21 +19,25 @@ read through explicit gather indices: `gather` (flat indices into [rows x width]
 and `labels`, ordered [chosen of pair 1..n, rejected of pair 1..n] like the two-row layout.
 
 The mask is built on the device from per-token segment ids (-1 padding, 0 shared, 1 chosen,
-2 rejected): boolean for SDPA, additive float for eager attention.
+2 rejected): boolean for SDPA, additive float for eager attention, a block-sparse `BlockMask`
+for flex attention. SDPA cannot use its flash kernel with a custom mask (and repeats the
+key/value heads for GQA), so on a GPU the trainer runs packed pairs through flex attention,
+which skips the masked blocks and keeps GQA (see `use_flex_attention`).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
+from torch import nn
 
 from character_baker.stages.training.batching import Batch
 from character_baker.stages.training.tokenize import TokenizedPair, TokenizedSequence
 
 PAD, SHARED, CHOSEN, REJECTED = -1, 0, 1, 2
-#: attention implementations that accept a custom 4D mask (others run pairs as two rows).
-MASKABLE_ATTENTION = ("sdpa", "eager")
+#: attention implementations that accept a custom mask (others run pairs as two rows).
+MASKABLE_ATTENTION = ("sdpa", "eager", "flex_attention")
 
 
 def shared_prefix_length(pair: TokenizedPair) -> int:
@@ -112,3 +116,45 @@ def attention_mask_4d(segments: torch.Tensor, dtype: torch.dtype, additive: bool
     if not additive:
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def flex_block_mask(segments: torch.Tensor) -> Any:
+    """The same mask as `attention_mask_4d`, as a flex-attention `BlockMask` (masked blocks are skipped)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    segments = segments.to(torch.int32)
+
+    def allowed(row: torch.Tensor, head: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        query_segment, key_segment = segments[row, query], segments[row, key]
+        visible = (key <= query) & (key_segment >= 0) & (query_segment >= 0)
+        return (visible & ((key_segment == SHARED) | (key_segment == query_segment))) | (query == key)
+
+    rows, width = segments.shape
+    return create_block_mask(allowed, rows, None, width, width, device=segments.device)
+
+
+def flex_attention_available() -> bool:
+    """True when torch has flex attention (2.5+) and a CUDA GPU is there to run it compiled."""
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def use_flex_attention(model: nn.Module) -> str | None:
+    """Switch an SDPA model on a GPU to flex attention for packed pairs; return the implementation to restore."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    current = getattr(base.config, "_attn_implementation", None)
+    device = next(base.parameters()).device
+    if current != "sdpa" or device.type != "cuda" or not flex_attention_available():
+        return None
+    base.set_attn_implementation("flex_attention")
+    return current
+
+
+def restore_attention(model: nn.Module, implementation: str | None) -> None:
+    """Undo `use_flex_attention`."""
+    if implementation is not None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.set_attn_implementation(implementation)

@@ -16,6 +16,7 @@ import math
 import os
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
@@ -24,10 +25,11 @@ from torch import nn
 from character_baker.core.config import TrainingConfig
 from character_baker.core.errors import Problem, UserError
 from character_baker.core.runs import RunDir, stable_hash
-from character_baker.stages.training import checkpoints
+from character_baker.stages.training import checkpoints, offload
 from character_baker.stages.training.batching import Batch, epoch_batches, micro_batches, steps_per_epoch
 from character_baker.stages.training.fused_lora import fuse_lora_layers
 from character_baker.stages.training.losses import ResponseScorer
+from character_baker.stages.training.offload import ActivationOffload, OffloadedAdamW, offload_input_embeddings
 from character_baker.stages.training.reporting import StepReporter, peak_memory_gb, report_to_problems
 
 
@@ -96,6 +98,13 @@ def config_problems(cfg: TrainingConfig, section: str, num_examples: int, world_
                                 f"{cfg.batch_size} is not a multiple of micro_batch_size ({cfg.micro_batch_size}) "
                                 f"x processes ({world_size}) = {per_step}",
                                 f"set batch_size to a multiple of {per_step}, or change micro_batch_size/--nproc"))
+    for flag in ("offload_optimizer", "offload_activations"):
+        if getattr(cfg, flag) and world_size > 1:
+            problems.append(Problem("recipe", f"{section}.{flag}", f"runs in one process, not {world_size}",
+                                    f"set {section}.{flag}: false for multi-GPU runs (FSDP shards the state instead)"))
+    if cfg.offload_activations and not cfg.gradient_checkpointing:
+        problems.append(Problem("recipe", f"{section}.offload_activations", "needs gradient_checkpointing (it offloads "
+                                "the inputs each checkpointed layer keeps)", f"set {section}.gradient_checkpointing: true"))
     if int(steps_per_epoch(num_examples, cfg.batch_size) * cfg.epochs) < 1:
         problems.append(Problem("recipe", f"{section}.batch_size",
                                 f"{num_examples} usable examples make no full batch of {cfg.batch_size} "
@@ -170,9 +179,20 @@ class LoraTrainer:
             raise UserError(problems)
         self.accelerator = self._setup_accelerator(model, world_size)
         self.peft_model = self._setup_adapter(model)
-        self.optimizer, self.scheduler = self._setup_optimizer(self.peft_model)
         scorer = ResponseScorer(self.peft_model, self.cfg.logprob_chunk_size)
-        self.scorer, self.optimizer = self.accelerator.prepare(scorer, self.optimizer)
+        self.offloaded: OffloadedAdamW | None = None
+        if self.cfg.offload_optimizer:
+            dtype = next(p for n, p in scorer.named_parameters() if not p.requires_grad).dtype
+            decoder = self.peft_model.get_base_model().get_decoder()
+            self.offloaded = OffloadedAdamW([(n, p) for n, p in scorer.named_parameters() if p.requires_grad],
+                                            lr=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay,
+                                            compute_dtype=dtype, decoder=decoder, layers=getattr(decoder, "layers", ()))
+            self.optimizer, self.scheduler = self._schedule(self.offloaded.lead)
+            self.scorer = self.accelerator.prepare(scorer)
+        else:
+            self.optimizer, self.scheduler = self._setup_optimizer(self.peft_model)
+            self.scorer, self.optimizer = self.accelerator.prepare(scorer, self.optimizer)
+        self.activation_offload = ActivationOffload(offload.MIN_OFFLOAD_BYTES) if self.cfg.offload_activations else None
         self.scorer.train()
         self.start_step = self._resume()
         self.reporter = self._setup_reporter(start_step=self.start_step)
@@ -198,8 +218,12 @@ class LoraTrainer:
         peft_model = attach_lora(model, self.cfg.lora, seed=self.cfg.seed)
         if self.base_model:
             peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path = self.base_model
+        if self.cfg.offload_embeddings:  # before checkpointing, which hooks the embedding's output
+            offload_input_embeddings(peft_model.get_base_model())
         if self.cfg.gradient_checkpointing:
-            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # The reentrant form saves each layer's input through autograd, where the offload hooks see it.
+            reentrant = self.cfg.offload_activations
+            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         peft_model.config.use_cache = False
         fuse_lora_layers(peft_model)
         if self.cfg.torch_compile:
@@ -211,6 +235,9 @@ class LoraTrainer:
         params = [p for p in model.parameters() if p.requires_grad]
         fused = self.accelerator.device.type == "cuda"
         optimizer = torch.optim.AdamW(params, lr=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay, fused=fused)
+        return self._schedule(optimizer)
+
+    def _schedule(self, optimizer: torch.optim.Optimizer) -> tuple[torch.optim.Optimizer, Any]:
         warmup = math.ceil(self.cfg.warmup_ratio * self.total_steps)
         schedule = lambda step: lr_factor(step, self.total_steps, warmup, self.cfg.lr_scheduler)  # noqa: E731
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -226,7 +253,7 @@ class LoraTrainer:
         """What a checkpoint must match to be resumed: the data, the objective and the settings that shape the run."""
         settings = self.cfg.model_dump(exclude={"save_steps", "save_total_limit", "report_to", "micro_batch_size",
                                                 "gradient_checkpointing", "logprob_chunk_size", "torch_compile",
-                                                "share_prompt"})
+                                                "share_prompt", "offload_activations", "offload_embeddings"})
         extras = [getattr(extra, "fingerprint", extra.name) for extra in self.extra_losses]
         return stable_hash([self.stage, self.objective.name, settings, [getattr(e, "id", "") for e in self.examples],
                             [len(e) for e in self.examples], extras])
@@ -235,9 +262,14 @@ class LoraTrainer:
         found = checkpoints.complete_checkpoints(self.stage_dir, self.fingerprint)
         if not found:
             return 0
-        return checkpoints.load_checkpoint(found[-1][1], scorer=self.scorer, optimizer=self.optimizer.optimizer,
+        return checkpoints.load_checkpoint(found[-1][1], scorer=self.scorer, optimizer=self._inner_optimizer,
                                            scheduler=self.scheduler, rank=self.accelerator.process_index,
-                                           world_size=self.accelerator.num_processes)
+                                           world_size=self.accelerator.num_processes, offloaded=self.offloaded)
+
+    @property
+    def _inner_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer itself (accelerate wraps it unless the optimizer is offloaded)."""
+        return self.optimizer if self.offloaded else self.optimizer.optimizer
 
     # ------------------------------------------------------------------ train
     def train(self) -> dict[str, Any]:
@@ -272,22 +304,32 @@ class LoraTrainer:
         totals = sum_counts([self.objective.counts(self.examples[i]) for i in global_batch])
         learning_rate = self.scheduler.get_last_lr()[0]
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.accelerator.device))
-        for micro in micro_batches(global_batch, self.cfg.micro_batch_size, self.accelerator.process_index,
-                                   self.accelerator.num_processes):
+        micros = micro_batches(global_batch, self.cfg.micro_batch_size, self.accelerator.process_index,
+                               self.accelerator.num_processes)
+        for number, micro in enumerate(micros):
             batch = self.objective.collate([self.examples[i] for i in micro], self.pad_token_id)
             batch.totals = totals
+            last = number == len(micros) - 1
+            if self.offloaded:
+                self.offloaded.micro_step(last)
             for key, value in self._micro_step(batch.to(self.accelerator.device)).items():
                 sums[key] += value
-        grad_norm = self.accelerator.clip_grad_norm_(self.scorer.parameters(), self.cfg.max_grad_norm)
-        self.optimizer.step()
+            if self.offloaded and not last:
+                self.offloaded.collect()
+        if self.offloaded:
+            grad_norm = self.offloaded.step(self.cfg.max_grad_norm)
+        else:
+            grad_norm = self.accelerator.clip_grad_norm_(self.scorer.parameters(), self.cfg.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         metrics = self._reduce(sums)
         return self._record(step, metrics, learning_rate, float(grad_norm), time.perf_counter() - started)
 
     def _micro_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         with self.accelerator.accumulate(self.scorer):
-            loss, metrics = self.objective.loss(self.scorer, batch)
+            with self.activation_offload or nullcontext():
+                loss, metrics = self.objective.loss(self.scorer, batch)
             for extra in self.extra_losses:
                 term, extra_metrics = extra.loss(batch)
                 loss = loss + term
@@ -321,10 +363,15 @@ class LoraTrainer:
                 "elapsed_s": elapsed, "eta_s": eta}
 
     # ------------------------------------------------------------------ saving
+    def _trainable_state(self) -> tuple[dict, dict]:
+        if self.offloaded:  # the float32 masters and the CPU optimizer, in the same layout
+            return self.offloaded.state_dicts()
+        return checkpoints.trainable_state(self.scorer, self.optimizer.optimizer)
+
     def _gathered_state(self) -> tuple[dict, dict, list]:
         from accelerate.utils import gather_object
 
-        model_state, optimizer_state = checkpoints.trainable_state(self.scorer, self.optimizer.optimizer)
+        model_state, optimizer_state = self._trainable_state()
         rng_states = gather_object([checkpoints.rng_state()]) if self.accelerator.num_processes > 1 else [checkpoints.rng_state()]
         return model_state, optimizer_state, rng_states
 
@@ -340,7 +387,7 @@ class LoraTrainer:
         self.accelerator.wait_for_everyone()
 
     def _publish_adapter(self) -> None:
-        model_state, _ = checkpoints.trainable_state(self.scorer, self.optimizer.optimizer)
+        model_state, _ = self._trainable_state()
         if self.accelerator.is_main_process:
             checkpoints.publish_adapter(self.stage_dir, self.peft_model, model_state)
         self.accelerator.wait_for_everyone()
@@ -349,6 +396,8 @@ class LoraTrainer:
     def cleanup(self) -> None:
         """Close the display and trackers and let go of the accelerator's references."""
         self.reporter.close()
+        if self.offloaded:
+            self.offloaded.close()
         self.accelerator.free_memory()
 
 
