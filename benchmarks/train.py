@@ -22,7 +22,10 @@ Conventions (each number in the table means exactly this):
   layers, H heads, Q head dim, T = sequence length. Divided by this machine's *measured* peak:
   the median rate of a large torch.matmul in the training dtype (bf16 on a GPU).
 - peak memory: torch.cuda.max_memory_allocated while training (weights included; the
-  reference pass before training excluded), GiB. On a CPU: peak resident memory of the process.
+  reference pass before training excluded) minus what was allocated before that trainer's
+  model was built (so nothing a previous trainer left behind counts), GiB. On a CPU: peak
+  resident memory of the process. "left allocated" in the notes is what a trainer left on the
+  GPU after its model was deleted (should be ~0).
 
 The table is printed and appended (never rewritten) to `--results` (benchmarks/RESULTS.md).
 """
@@ -241,6 +244,10 @@ def _host_peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _allocated_gb(device: torch.device) -> float:
+    return torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -363,17 +370,25 @@ def main(argv: list[str] | None = None) -> int:
     config = model_config(args.config)
     tokenizer = synthetic_tokenizer(config.vocab_size)
     records = synthetic_records(args.pairs_per_step * (args.steps + args.warmup_steps), args.seq_len, config.vocab_size)
-    results = {}
-    model = build_model(config, device, dtype)
-    per_token = flops_per_token(model, args.seq_len)
-    results["character-baker"] = run_ours(args, model, tokenizer, records)
-    del model
-    _free(device)
+    results, leftovers = {}, []
+    trainers = [("character-baker", run_ours)]
     if not args.no_trl and importlib.util.find_spec("trl") is not None:
         import trl
 
-        results[f"TRL {trl.__version__} DPOTrainer"] = run_trl(args, build_model(config, device, dtype), tokenizer, records)
+        trainers.append((f"TRL {trl.__version__} DPOTrainer", run_trl))
+    per_token = 0.0
+    for name, run in trainers:
+        before = _allocated_gb(device)
+        model = build_model(config, device, dtype)
+        per_token = flops_per_token(model, args.seq_len)
+        results[name] = run(args, model, tokenizer, records)
+        if device.type == "cuda":
+            results[name]["peak_memory_gb"] -= before
+        del model
         _free(device)
+        leftovers.append(f"{name} {_allocated_gb(device) - before:.2f} GiB")
+    if device.type == "cuda":
+        args.note = "; ".join(filter(None, [args.note, "left allocated after each trainer: " + ", ".join(leftovers)]))
     print_table(args, peak_tflops, per_token, results)
     section = markdown(args, device, peak_tflops, per_token, results)
     with open(args.results, "a", encoding="utf-8") as handle:

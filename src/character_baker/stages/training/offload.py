@@ -74,8 +74,11 @@ class OffloadedAdamW:
             self.masters = [master.pin_memory() for master in self.masters]
         for master in self.masters:
             master.grad = torch.zeros_like(master)
-        self._down = [_pinned(p.shape, compute_dtype, self.device) for p in self.params]
-        self._up = [_pinned(p.shape, compute_dtype, self.device) for p in self.params]
+        # float32 staging for gradients of the second and later backward of an accumulated step
+        self._down = [_pinned(p.shape, torch.float32, self.device) for p in self.params]
+        # squared gradient norms, computed on the GPU when a step has one backward
+        self._squares_gpu = torch.zeros(len(self.params), device=self.device) if cuda else None
+        self._squares_host = _pinned(torch.Size([len(self.params)]), torch.float32, self.device)
         self._index = {id(param): index for index, param in enumerate(self.params)}
         for param in self.params:
             param.data = param.data.to(compute_dtype)
@@ -104,7 +107,7 @@ class OffloadedAdamW:
         self._up_stream = torch.cuda.Stream(self.device) if cuda else None
         self._fresh = [True] * len(self.params)   # the next gradient overwrites instead of adding
         self._squares = [None] * len(self.params)  # squared norms of final gradients
-        self._final = True
+        self._final, self._first, self._micro = True, True, 0
         self._norm, self._error = 0.0, None
         self._norm_ready, self._synced = threading.Event(), threading.Event()
         self._jobs: queue.Queue = queue.Queue()
@@ -114,18 +117,24 @@ class OffloadedAdamW:
     # ---------------------------------------------------------------- main thread
     def _gradient_ready(self, param: nn.Parameter) -> None:
         index, grad = self._index[id(param)], param.grad
+        # The first backward of a step writes the master's gradient directly; later ones are added.
+        target = self.masters[index].grad if self._first else self._down[index]
+        single = self._first and self._final
         event = None
         if self._down_stream is None:
-            self._down[index].copy_(grad)
-        else:
+            target.copy_(grad)
+        else:  # float32 on the GPU (no conversion work for the CPU), then one copy to pinned memory
             self._down_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._down_stream):
-                self._down[index].copy_(grad, non_blocking=True)
+                wide = grad.float()
+                if single:
+                    self._squares_gpu[index] = wide.square().sum()
+                target.copy_(wide, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record()
             grad.record_stream(self._down_stream)  # its memory is reused only after the copy
         param.grad = None
-        self._jobs.put(("grad", index, event, self._final))
+        self._jobs.put(("grad", index, event, self._final, self._first, single and self._squares_gpu is not None))
 
     def _waiter(self, bucket: int) -> Any:
         @torch.compiler.disable
@@ -142,7 +151,8 @@ class OffloadedAdamW:
 
     def micro_step(self, last: bool) -> None:
         """Announce the next backward (the last of this optimiser step or not)."""
-        self._final = last
+        self._first, self._final = self._micro == 0, last
+        self._micro += 1
 
     def collect(self) -> None:
         """Wait until the worker has taken in this backward's gradients (between accumulated backwards)."""
@@ -161,6 +171,7 @@ class OffloadedAdamW:
         for ready in self._ready:
             ready.clear()
         self._norm_ready.clear()
+        self._micro, self._first, self._final = 0, True, True
         self._jobs.put(("step", hyper, max_grad_norm, done))
         self._norm_ready.wait()
         self._raise()
@@ -199,16 +210,24 @@ class OffloadedAdamW:
                 for event in (*self._ready, self._norm_ready, self._synced):
                     event.set()
 
-    def _take_gradient(self, index: int, event: Any, final: bool) -> None:
+    def _take_gradient(self, index: int, event: Any, final: bool, first: bool, squared_on_gpu: bool) -> None:
         if event is not None:
             event.synchronize()
-        grad = self.masters[index].grad
-        grad.copy_(self._down[index]) if self._fresh[index] else grad.add_(self._down[index])
+        if not first:  # (a parameter without a gradient in the first backward starts from this one)
+            grad = self.masters[index].grad
+            grad.copy_(self._down[index]) if self._fresh[index] else grad.add_(self._down[index])
         self._fresh[index] = False
-        if final:
-            self._squares[index] = float(torch.linalg.vector_norm(grad)) ** 2
+        if final and not squared_on_gpu:
+            self._squares[index] = float(torch.linalg.vector_norm(self.masters[index].grad)) ** 2
+        elif final:
+            self._squares[index] = "gpu"
 
     def _step(self, hyper: dict, max_grad_norm: float, backward_done: Any) -> None:
+        if "gpu" in self._squares:
+            with torch.cuda.stream(self._down_stream):
+                self._squares_host.copy_(self._squares_gpu, non_blocking=True)
+            self._down_stream.synchronize()
+            self._squares = [float(self._squares_host[i]) if v == "gpu" else v for i, v in enumerate(self._squares)]
         for index, fresh in enumerate(self._fresh):
             if fresh:  # no gradient reached this parameter in this step
                 self.masters[index].grad.zero_()
@@ -236,11 +255,10 @@ class OffloadedAdamW:
                     self.params[i].data.copy_(self.masters[i])
             else:
                 if self._uploaded[bucket] is not None:
-                    self._uploaded[bucket].synchronize()  # the last upload has left the staging buffers
-                with torch.cuda.stream(self._up_stream):
+                    self._uploaded[bucket].synchronize()  # the last upload has read the masters
+                with torch.cuda.stream(self._up_stream):  # float32 over PCIe, cast on the GPU
                     for i in indices:
-                        self._up[i].copy_(self.masters[i])
-                        self.params[i].data.copy_(self._up[i], non_blocking=True)
+                        self.params[i].data.copy_(self.masters[i].to(self.device, non_blocking=True))
                     self._uploaded[bucket] = torch.cuda.Event()
                     self._uploaded[bucket].record()
         self._ready[bucket].set()
@@ -324,6 +342,11 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
         self._stored[key] = entry
         self._by_tensor[id(tensor)] = (key, weakref.ref(tensor))
         return key
+
+    def release(self) -> None:
+        """Drop whatever backward did not take back (call after each backward)."""
+        self._stored.clear()
+        self._by_tensor.clear()
 
     def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
         if self._stream is None:

@@ -337,6 +337,8 @@ class LoraTrainer:
             # accelerate divides by the accumulation steps and DDP averages over processes; the
             # terms are already global-batch means, so undo both.
             self.accelerator.backward(loss * self.accumulation * self.accelerator.num_processes)
+            if self.activation_offload:
+                self.activation_offload.release()
         metrics = {key: value.detach().float() for key, value in metrics.items()}
         metrics["loss"] = loss.detach().float()
         metrics["tokens"] = torch.tensor(float(batch.num_tokens), device=self.accelerator.device)
