@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import queue
+import sys
 import threading
 import weakref
 from typing import Any, Sequence
@@ -38,6 +39,7 @@ from torch import nn
 MIN_OFFLOAD_BYTES = 1 << 20
 #: optimizer settings carried from the scheduled (lead) optimizer to the per-bucket ones
 HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "initial_lr")
+SWITCH_INTERVAL = 0.0005  # seconds; see OffloadedAdamW.__init__
 
 
 def _pinned(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -112,6 +114,10 @@ class OffloadedAdamW:
         self._norm, self._error = 0.0, None
         self._norm_ready, self._synced = threading.Event(), threading.Event()
         self._jobs: queue.Queue = queue.Queue()
+        # The CPU thread needs the GIL between its kernels while the training thread launches the
+        # forward: a shorter switch interval than Python's 5 ms lets it keep ahead (restored by close()).
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL))
         self._worker = threading.Thread(target=self._work, name="offloaded-adamw", daemon=True)
         self._worker.start()
 
@@ -191,6 +197,7 @@ class OffloadedAdamW:
         self.synchronize()
         self._jobs.put(None)
         self._worker.join()
+        sys.setswitchinterval(self._switch_interval)
         for hook in self._hooks:
             hook.remove()
 
