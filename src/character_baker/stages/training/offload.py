@@ -83,9 +83,10 @@ class OffloadedAdamW:
         self._squares_gpu = torch.zeros(len(self.params), device=self.device) if cuda else None
         self._squares_host = _pinned(torch.Size([len(self.params)]), torch.float32, self.device)
         self._index = {id(param): index for index, param in enumerate(self.params)}
+        self._hooks = []
         for param in self.params:
             param.data = param.data.to(compute_dtype)
-            param.register_post_accumulate_grad_hook(self._gradient_ready)
+            self._hooks.append(param.register_post_accumulate_grad_hook(self._gradient_ready))
         # Buckets in forward order: parameters outside the decoder layers first, then layer by layer.
         layer_of = {id(p): k + 1 for k, layer in enumerate(layers) for p in layer.parameters()}
         bucket_ids = sorted({layer_of.get(id(p), 0) for p in self.params})
@@ -100,7 +101,6 @@ class OffloadedAdamW:
         for ready in self._ready:
             ready.set()
         self._uploaded: list[Any] = [None] * len(self._buckets)
-        self._hooks = []
         if decoder is not None:  # parameters outside the layers (bucket 0) before the decoder starts
             self._hooks.append(decoder.register_forward_pre_hook(self._waiter(0)))
         for k, layer in enumerate(layers):
@@ -193,13 +193,16 @@ class OffloadedAdamW:
             self._up_stream.synchronize()
 
     def close(self) -> None:
-        """Finish pending work, stop the worker thread and remove the hooks."""
+        """Finish pending work, stop the worker thread, remove the hooks and let go of every tensor."""
         self.synchronize()
         self._jobs.put(None)
         self._worker.join()
         sys.setswitchinterval(self._switch_interval)
         for hook in self._hooks:
             hook.remove()
+        # The parameters' hooks referenced this object: drop the tensors explicitly (GPU copies included).
+        self._hooks, self.params, self.masters, self._down, self._optimizers = [], [], [], [], []
+        self._squares_gpu = None
 
     # ----------------------------------------------------------- worker thread
     def _work(self) -> None:
