@@ -180,6 +180,7 @@ class OffloadedAdamW:
         self._norm_ready.clear()
         self._micro, self._first, self._final = 0, True, True
         self._jobs.put(("step", hyper, max_grad_norm, done))
+        self.lead._opt_called = True  # the bucket optimizers step for it (else schedulers warn about the order)
         self._norm_ready.wait()
         self._raise()
         return self._norm
