@@ -449,13 +449,13 @@ class CpuEmbedding(nn.Module):
         return moved.view(*input_ids.shape, self.embedding_dim)
 
 
-def offload_input_embeddings(model: nn.Module) -> int:
-    """Replace the model's (frozen) input embedding by a `CpuEmbedding`; bytes of GPU memory freed."""
+def offload_input_embeddings(model: nn.Module) -> int | None:
+    """Replace the model's (frozen) input embedding by a `CpuEmbedding`; GPU bytes freed (None: tied, kept)."""
     embedding = model.get_input_embeddings()
     if embedding.weight.requires_grad:
         raise ValueError("offload_embeddings needs a frozen input embedding (it is not trained with LoRA)")
     if embedding.weight is getattr(model.get_output_embeddings(), "weight", None):
-        return 0  # tied to the output head, which needs it on the GPU anyway
+        return None  # tied to the output head, which needs it on the GPU anyway
     freed = embedding.weight.numel() * embedding.weight.element_size()
     model.set_input_embeddings(CpuEmbedding(embedding, embedding.weight.device))
     return freed if embedding.weight.device.type == "cuda" else 0

@@ -152,6 +152,9 @@ class LoraTrainer:
     - `gradient_checkpointing`: recompute each layer in backward: far less activation memory,
       about a third more compute.
     - `logprob_chunk_size`: lm_head on trained tokens only, in chunks (no [batch, seq, vocab]).
+    - `offload_optimizer`, `offload_activations`, `offload_embeddings`: optimizer state (ZeRO-Offload,
+      stepped by a CPU thread ahead of the next forward), checkpointed activations and the frozen
+      input embedding in CPU memory; same math, less GPU memory (see `offload`).
     - AdamW (fused on GPU) on the LoRA weights; `learning_rate`, `weight_decay`, linear warm-up
       over `warmup_ratio` of the steps then `lr_scheduler` decay to zero; `max_grad_norm` clipping.
     - `epochs` (may be fractional); an incomplete last batch of an epoch is skipped.
@@ -198,7 +201,7 @@ class LoraTrainer:
         self.reporter = self._setup_reporter(start_step=self.start_step)
         self.reporter.message(f"{self.stage}: {len(self.examples)} examples, {self.total_steps} steps "
                               f"({self.start_step} done), {self.accumulation} accumulation step(s) x {world_size} "
-                              f"process(es) on {self.accelerator.device}")
+                              f"process(es) on {self.accelerator.device}{self.embedding_note}")
         self.prepared = self.objective.prepare(self.scorer, self.examples, self.run_dir)
         for extra in self.extra_losses:
             extra.attach(self.peft_model)
@@ -218,8 +221,11 @@ class LoraTrainer:
         peft_model = attach_lora(model, self.cfg.lora, seed=self.cfg.seed)
         if self.base_model:
             peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path = self.base_model
+        self.embedding_note = ""
         if self.cfg.offload_embeddings:  # before checkpointing, which hooks the embedding's output
-            offload_input_embeddings(peft_model.get_base_model())
+            freed = offload_input_embeddings(peft_model.get_base_model())
+            self.embedding_note = (", offload_embeddings: the input embedding is tied to the output head and stays"
+                                   if freed is None else f", input embedding in CPU memory ({freed / 2**30:.2f} GiB freed)")
         if self.cfg.gradient_checkpointing:
             # The reentrant form saves each layer's input through autograd, where the offload hooks see it.
             reentrant = self.cfg.offload_activations
