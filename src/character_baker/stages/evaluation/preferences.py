@@ -101,22 +101,20 @@ def preference_requests(prompts: Sequence[dict], cfg: "EvalConfig") -> tuple[dic
     return items, [(instruction, item) for instruction in instructions for item in items[instruction]]
 
 
-def preference_conversations(prompts: Sequence[dict], cfg: "EvalConfig") -> list[list[dict[str, str]]]:
-    """The conversations `measure_preferences` asks a condition to answer."""
-    return [preference_conversation(item, instruction) for instruction, item in preference_requests(prompts, cfg)[1]]
+def preference_conversations(asked: Sequence[tuple[str, PreferenceItem]]) -> list[list[dict[str, str]]]:
+    """The conversations a condition answers for the (instruction, item) requests of `preference_requests`."""
+    return [preference_conversation(item, instruction) for instruction, item in asked]
 
 
 def measure_preferences(condition: "Condition", prompts: Sequence[dict], judge: Judge, cfg: "EvalConfig",
                         sampling: "SamplingConfig") -> dict[str, Any]:
     """Per instruction: the judged matches' ratings, and how many verdicts parsed (one generate, one judge call)."""
-    instructions = assets.preference_instructions()
     items, asked = preference_requests(prompts, cfg)
-    answers = condition.answer([preference_conversation(item, instruction) for instruction, item in asked], sampling,
-                               label="revealed preferences")
+    answers = condition.answer(preference_conversations(asked), sampling, label="revealed preferences")
     verdicts = judge.decide([trait_question(answer.text, item.trait_a, item.trait_b)
                              for answer, (_, item) in zip(answers, asked)], progress=f"judge: {condition.name} traits")
     results: dict[str, Any] = {}
-    for number, instruction in enumerate(instructions):
+    for number, instruction in enumerate(items):  # the instructions, in order
         own = verdicts[number * cfg.elo_pairs:(number + 1) * cfg.elo_pairs]
         matches = matches_from_verdicts(items[instruction], own)
         results[instruction_key(instruction)] = {

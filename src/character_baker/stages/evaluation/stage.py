@@ -130,7 +130,8 @@ def _prefetch(ctx: StageContext, conditions: ConditionSet, prompts: PromptSets) 
     if not ctx.recipe.generation.cache:
         return
     cfg, sampling = ctx.recipe.eval, ctx.recipe.generation.student.sampling
-    shared = (user_turns(prompts.plain), preferences.preference_conversations(prompts.preference, cfg),
+    _, preference_asked = preferences.preference_requests(prompts.preference, cfg)
+    shared = (user_turns(prompts.plain), preferences.preference_conversations(preference_asked),
               user_turns(prompts.identity), user_turns(prompts.harmful))
     base_answers = None
     for condition in conditions.conditions:

@@ -64,9 +64,8 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int, share_promp
 
 
 def can_share_prompt(model: nn.Module) -> bool:
-    """True when the model's attention takes the custom 4D mask prefix sharing needs (SDPA, eager)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return attention_implementation(base) in MASKABLE_ATTENTION
+    """True when the model's attention takes the custom mask prefix sharing needs (SDPA, eager, flex)."""
+    return attention_implementation(model) in MASKABLE_ATTENTION
 
 
 def score_batch(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +135,8 @@ def _write_cache(path: Path, fingerprint: str, cache: dict[str, tuple[torch.Tens
 
 
 def reference_logps(model: nn.Module, pairs: Sequence[TokenizedPair], path: Path, pad_token_id: int,
-                    batch_size: int, share_prompt: bool = False) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
+                    batch_size: int, share_prompt: bool = False
+                    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
     """Cached reference (adapter off) token log-probs of every pair, computing only missing ones; (cache, computed)."""
     from accelerate import PartialState
     from accelerate.utils import gather_object
@@ -186,7 +186,8 @@ class DpoObjective:
         path = run_dir.path("adapters", self.stage, REFERENCE_FILE)
         started = time.perf_counter()
         # Padding sits right of every real token and is masked, so its id cannot change a log-prob.
-        self._reference, computed = reference_logps(model, dataset, path, 0, self.reference_batch_size, self.share_prompt)
+        self._reference, computed = reference_logps(model, dataset, path, 0, self.reference_batch_size,
+                                                    self.share_prompt)
         return {"reference_file": str(path), "reference_computed": computed, "reference_reused": len(dataset) - computed,
                 "reference_seconds": time.perf_counter() - started}
 

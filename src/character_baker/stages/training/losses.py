@@ -121,7 +121,7 @@ class ResponseScorer(nn.Module):
         self.chunk_size = chunk_size
 
     def _base(self) -> nn.Module:
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return unwrap_peft(self.model)
 
     @property
     def lm_head(self) -> nn.Module:
@@ -139,7 +139,7 @@ class ResponseScorer(nn.Module):
         if segments is not None:  # prefix-shared rows (see `packing`): explicit positions, mask and targets
             from character_baker.stages.training.packing import attention_mask_4d, flex_block_mask
 
-            implementation = attention_implementation(self._base())
+            implementation = attention_implementation(self.model)
             if implementation == "flex_attention":
                 mask = flex_block_mask(segments)
             else:
@@ -162,9 +162,14 @@ class ResponseScorer(nn.Module):
             yield
 
 
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (the model itself when it has none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def attention_implementation(model: nn.Module) -> str:
-    """The model's attention implementation ('sdpa', 'eager', 'flash_attention_2', ...)."""
-    config = getattr(model, "config", None)
+    """The model's attention implementation ('sdpa', 'eager', 'flash_attention_2', ...), PEFT-wrapped or not."""
+    config = getattr(unwrap_peft(model), "config", None)
     return str(getattr(config, "_attn_implementation", None) or "eager")
 
 

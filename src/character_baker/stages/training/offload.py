@@ -78,7 +78,8 @@ class OffloadedAdamW:
         for master in self.masters:  # pinned: the copies from the GPU must not block the host
             master.grad = torch.zeros_like(master).pin_memory() if cuda else torch.zeros_like(master)
         # float32 staging for gradients of the second and later backward of an accumulated step
-        self._down = [_pinned(p.shape, torch.float32, self.device) for p in self.params]
+        # (allocated on first use: a step of one backward writes straight into the masters' gradients)
+        self._down: list[torch.Tensor | None] = [None] * len(self.params)
         # squared gradient norms, computed on the GPU when a step has one backward
         self._squares_gpu = torch.zeros(len(self.params), device=self.device) if cuda else None
         self._squares_host = _pinned(torch.Size([len(self.params)]), torch.float32, self.device)
@@ -110,6 +111,7 @@ class OffloadedAdamW:
         self._up_stream = torch.cuda.Stream(self.device) if cuda else None
         self._fresh = [True] * len(self.params)   # the next gradient overwrites instead of adding
         self._squares = [None] * len(self.params)  # squared norms of final gradients
+        self._squared_on_gpu: set[int] = set()     # ... of these, still in `_squares_gpu`
         self._final, self._first, self._micro = True, True, 0
         self._norm, self._error = 0.0, None
         self._norm_ready, self._synced = threading.Event(), threading.Event()
@@ -125,6 +127,8 @@ class OffloadedAdamW:
     def _gradient_ready(self, param: nn.Parameter) -> None:
         index, grad = self._index[id(param)], param.grad
         # The first backward of a step writes the master's gradient directly; later ones are added.
+        if not self._first and self._down[index] is None:
+            self._down[index] = _pinned(param.shape, torch.float32, self.device)
         target = self.masters[index].grad if self._first else self._down[index]
         single = self._first and self._final
         event = None
@@ -232,17 +236,19 @@ class OffloadedAdamW:
             grad = self.masters[index].grad
             grad.copy_(self._down[index]) if self._fresh[index] else grad.add_(self._down[index])
         self._fresh[index] = False
-        if final and not squared_on_gpu:
-            self._squares[index] = float(torch.linalg.vector_norm(self.masters[index].grad)) ** 2
+        if final and squared_on_gpu:
+            self._squared_on_gpu.add(index)
         elif final:
-            self._squares[index] = "gpu"
+            self._squares[index] = float(torch.linalg.vector_norm(self.masters[index].grad)) ** 2
 
     def _step(self, hyper: dict, max_grad_norm: float, backward_done: Any) -> None:
-        if "gpu" in self._squares:
+        if self._squared_on_gpu:
             with torch.cuda.stream(self._down_stream):
                 self._squares_host.copy_(self._squares_gpu, non_blocking=True)
             self._down_stream.synchronize()
-            self._squares = [float(self._squares_host[i]) if v == "gpu" else v for i, v in enumerate(self._squares)]
+            squares = self._squares_host.tolist()
+            for index in self._squared_on_gpu:
+                self._squares[index] = squares[index]
         for index, fresh in enumerate(self._fresh):
             if fresh:  # no gradient reached this parameter in this step
                 self.masters[index].grad.zero_()
@@ -262,6 +268,7 @@ class OffloadedAdamW:
             self._upload(bucket, indices)
         self._fresh = [True] * len(self.params)
         self._squares = [None] * len(self.params)
+        self._squared_on_gpu = set()
 
     def _upload(self, bucket: int, indices: Sequence[int]) -> None:
         with torch.no_grad():
@@ -315,9 +322,9 @@ class OffloadedAdamW:
 class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
     """Saved tensors (outside checkpointed layers) go to pinned CPU memory; backward prefetches one ahead.
 
-    Use as a context manager around the forward. Tensors smaller than `min_bytes`, parameters and
-    CPU tensors are kept as they are; a tensor saved several times (e.g. the rotary tables every
-    layer receives) is copied once per forward.
+    Use as a context manager around the forward. Tensors smaller than `min_bytes` and parameters are
+    kept as they are; a tensor saved several times (e.g. the rotary tables every layer receives) is
+    copied once per forward. On a CPU run the copies are plain ones (same bookkeeping, no saving).
     """
 
     def __init__(self, min_bytes: int = MIN_OFFLOAD_BYTES):
@@ -329,8 +336,7 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
         super().__init__(self._pack, self._unpack)
 
     def __enter__(self) -> "ActivationOffload":
-        self._by_tensor.clear()  # deduplication is per forward
-        self._stored.clear()     # the previous backward has consumed (or dropped) everything
+        self.release()  # deduplication is per forward; the previous backward is over
         return super().__enter__()
 
     def _pack(self, tensor: torch.Tensor) -> Any:

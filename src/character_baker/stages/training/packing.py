@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from character_baker.stages.training.batching import Batch
+from character_baker.stages.training.losses import attention_implementation, unwrap_peft
 from character_baker.stages.training.tokenize import TokenizedPair, TokenizedSequence
 
 PAD, SHARED, CHOSEN, REJECTED = -1, 0, 1, 2
@@ -146,17 +147,14 @@ def flex_attention_available() -> bool:
 
 def use_flex_attention(model: nn.Module) -> str | None:
     """Switch an SDPA model on a GPU to flex attention for packed pairs; return the implementation to restore."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    current = getattr(base.config, "_attn_implementation", None)
-    device = next(base.parameters()).device
-    if current != "sdpa" or device.type != "cuda" or not flex_attention_available():
+    current = attention_implementation(model)
+    if current != "sdpa" or next(model.parameters()).device.type != "cuda" or not flex_attention_available():
         return None
-    base.set_attn_implementation("flex_attention")
+    unwrap_peft(model).set_attn_implementation("flex_attention")
     return current
 
 
 def restore_attention(model: nn.Module, implementation: str | None) -> None:
     """Undo `use_flex_attention`."""
     if implementation is not None:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        base.set_attn_implementation(implementation)
+        unwrap_peft(model).set_attn_implementation(implementation)
