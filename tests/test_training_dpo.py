@@ -124,13 +124,31 @@ def test_extra_loss_hook_joins_the_loss_with_its_own_metric(tmp_path, tiny_lm):
 
 def test_bad_settings_are_all_reported_up_front(tmp_path, tiny_lm):
     model, tokenizer = tiny_lm
-    cfg = toy_config(batch_size=6, micro_batch_size=4, report_to=["tensorbored"])
+    # shrink_batch_to_data off: four examples for a batch of six is an error too, reported with the others.
+    cfg = toy_config(batch_size=6, micro_batch_size=4, report_to=["tensorbored"], shrink_batch_to_data=False)
     with pytest.raises(UserError) as info:
         train_dpo(RunDir.create(tmp_path / "run"), toy_records(4), model, tokenizer, cfg)
     text = str(info.value)
     assert "distill.batch_size" in text and "multiple of 4" in text
     assert "distill.report_to" in text and "unknown tracker 'tensorbored'" in text
-    assert "no full batch of 6" in text
+    assert "no full batch of 6" in text and "shrink_batch_to_data" in text
+
+
+def test_a_bad_batch_split_is_reported_even_when_the_batch_would_shrink(tmp_path, tiny_lm):
+    model, tokenizer = tiny_lm
+    with pytest.raises(UserError) as info:
+        train_dpo(RunDir.create(tmp_path / "run"), toy_records(4), model, tokenizer,
+                  toy_config(batch_size=6, micro_batch_size=4))
+    assert "multiple of 4" in str(info.value) and "no full batch" not in str(info.value)
+
+
+def test_thin_data_trains_with_a_smaller_batch_and_says_so(tmp_path, tiny_lm):
+    model, tokenizer = tiny_lm
+    result = train_dpo(RunDir.create(tmp_path / "run"), toy_records(3), model, tokenizer,
+                       toy_config(batch_size=8, micro_batch_size=4))
+    assert result["steps"] == 1 and result["examples"] == 3
+    assert result["batch_note"] == ("only 3 usable examples for a batch of 8: training with batch_size 3 "
+                                    "(micro_batch_size 3) instead")
 
 
 def test_an_uninstalled_tracker_names_the_install_fix(monkeypatch):

@@ -16,12 +16,13 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from character_baker.backends.catalogue import (CATALOGUE, gguf_to_folder, is_pulled, model_cache_dir, pull,
                                                 read_provenance, save_model, say)
 from character_baker.core.config import LoraConfig, ModelsConfig
 from character_baker.core.errors import UserError
+from character_baker.core.userfiles import read_user_text
 
 if TYPE_CHECKING:
     import torch
@@ -181,10 +182,23 @@ def read_chat_template(value: str) -> str:
     if "{" in value:
         return value
     path = Path(value).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise UserError.single(value, "models.chat_template", "neither a Jinja template nor an existing file",
                                "give the template text (with {% %} tags) or the path of a .jinja file")
-    return path.read_text(encoding="utf-8")
+    return read_user_text(path, field="models.chat_template")
+
+
+def chat_token_counter(cfg: ModelsConfig, shared: dict[Any, Any]) -> Callable[[list[dict]], int]:
+    """A function counting chat-template tokens with the base model's tokenizer (loaded once per `shared`)."""
+    key = ("tokenizer", cfg.base)
+    if key not in shared:
+        shared[key] = load_tokenizer(cfg.base, cfg)
+    tokenizer = shared[key]
+
+    def count(messages: list[dict]) -> int:
+        return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+
+    return count
 
 
 def load_tokenizer(ref: str | Path, cfg: ModelsConfig) -> Any:

@@ -49,12 +49,19 @@ def _constitution_path(run: Any, given: Optional[Path]) -> Path:
 
 def _settings(run: Any, constitution_path: Path, preset: Optional[str], recipe: Optional[Path],
               sets: Optional[list[str]]) -> tuple[Any, Any]:
-    """The constitution and recipe; model settings the user did not set come from the run's manifest."""
-    constitution, resolved = resolve_settings(constitution_path, preset, recipe, sets)
-    recorded_models = run.manifest().get("recipe", {}).get("models", {})
-    for key, value in recorded_models.items():
-        if resolved.source_of(f"models.{key}") == "default" and hasattr(resolved.recipe.models, key):
-            setattr(resolved.recipe.models, key, value)
+    """The constitution and recipe: the run's recorded recipe with --set on top; with --preset or --recipe, those
+    layers over the constitution instead, model settings the user did not set still coming from the run."""
+    from character_baker.core.recipes import resolve_recorded_recipe
+
+    recorded = run.manifest().get("recipe", {})
+    if preset is None and recipe is None and recorded:
+        constitution = resolve_settings(constitution_path, None, None, None)[0]
+        resolved = resolve_recorded_recipe(recorded, str(run.manifest_path), sets)
+    else:
+        constitution, resolved = resolve_settings(constitution_path, preset, recipe, sets)
+        for key, value in recorded.get("models", {}).items():
+            if resolved.source_of(f"models.{key}") == "default" and hasattr(resolved.recipe.models, key):
+                setattr(resolved.recipe.models, key, value)
     recorded_hash = run.manifest().get("constitution", {}).get("hash")
     if recorded_hash and recorded_hash != constitution.content_hash():
         err_console.print(f"warning: {constitution_path} changed since this run was trained", markup=False)

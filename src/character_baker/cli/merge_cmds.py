@@ -13,7 +13,8 @@ from typing import Any, Optional
 import typer
 
 from character_baker.cli.common import ModelOption, PresetOption, RecipeOption, SetOption, console, err_console, parse_number_list
-from character_baker.cli.stage_cmds import ConstitutionArg, ForceOption, RunOption, build_context, run_stages
+from character_baker.cli.stage_cmds import (ConstitutionArg, ForceOption, RunOption, build_context, run_command_chain,
+                                            run_stages)
 
 RunArg = typer.Argument(..., help="Run directory (holds manifest.json).", show_default=False)
 ConstitutionOption = typer.Option(None, "--constitution", help="Constitution YAML (default: the one the run recorded).")
@@ -27,12 +28,12 @@ def introspect(constitution: Path = ConstitutionArg, run: Optional[Path] = RunOp
                                               help="Build data/introspection.jsonl and stop before training."),
                force: bool = ForceOption) -> None:
     """Self-reflections and self-interactions by the distilled model, then LoRA SFT on it (needs adapters/distill)."""
-    from character_baker.core.runs import adapter_hash
+    from character_baker.pipeline.chain import command_chain
     from character_baker.stages.data.introspection import require_distill_adapter
 
     ctx = build_context(constitution, run, preset, recipe, sets, model)
-    ctx.options["distill_adapter"] = adapter_hash(require_distill_adapter(ctx))
-    run_stages(ctx, ["introspect_data"] if data_only else ["introspect_data", "introspect"], force=force)
+    require_distill_adapter(ctx)
+    run_command_chain(ctx, command_chain(ctx.recipe, "introspect", data_only=data_only), force=force)
     console.print(f"data: {ctx.run.path('data/introspection.jsonl')}", markup=False)
     if not data_only:
         console.print(f"adapter: {ctx.run.path('adapters/introspect')}", markup=False)
@@ -55,7 +56,7 @@ def run_context(run: Path, constitution: Optional[Path], sets: list[str]) -> Any
     """A StageContext for an existing run: its recorded recipe (with --set on top) and constitution."""
     from character_baker.core.constitution import load_constitution
     from character_baker.core.errors import UserError
-    from character_baker.core.recipes import Layer, parse_set_overrides, resolve_recipe
+    from character_baker.core.recipes import resolve_recorded_recipe
     from character_baker.core.stage import StageContext
 
     run_dir = open_run(run)
@@ -71,10 +72,7 @@ def run_context(run: Path, constitution: Optional[Path], sets: list[str]) -> Any
     loaded = load_constitution(path)
     if loaded.content_hash() != manifest.get("constitution", {}).get("hash"):
         err_console.print(f"warning: {path} is not the constitution this run recorded", markup=False)
-    layers = [Layer(name=f"run {run_dir.manifest_path}", values=recorded, file=str(run_dir.manifest_path))]
-    if sets:
-        layers.append(parse_set_overrides(sets))
-    resolved = resolve_recipe(layers)
+    resolved = resolve_recorded_recipe(recorded, str(run_dir.manifest_path), sets)
     return StageContext(run=run_dir, constitution=loaded, recipe=resolved.recipe, constitution_path=path,
                         console=console)
 

@@ -8,14 +8,14 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import typer
 
 from character_baker.cli.common import ModelOption, PresetOption, RecipeOption, SetOption, console, parse_number_list
-from character_baker.cli.stage_cmds import ConstitutionArg, ForceOption, RunOption, build_context, run_stages
+from character_baker.cli.stage_cmds import (ConstitutionArg, ForceOption, RunOption, build_context, run_command_chain,
+                                            run_stages)
 
 PROFILE_STAGES = ["prompts", "profile"]
 ShowOption = typer.Option(5, "--show", min=0, help="Held-out prompts answered (no system prompt) after training.")
@@ -50,13 +50,6 @@ def print_profile(ctx: Any) -> None:
                   f"pull dims: {summary['pull_dims']}", markup=False)
     for name in report.ARTIFACTS:
         console.print(f"{name.split('/')[-1]}: {ctx.run.path(name)}", markup=False)
-
-
-def needs_own_profile(recipe: Any, stage: str) -> bool:
-    """True when push/pull is on for `stage` and reads this run's profile (so it must be built first)."""
-    from character_baker.stages.training.push_pull import is_enabled
-
-    return is_enabled(recipe, stage) and recipe.push_pull.profile is None
 
 
 # ----------------------------------------------------------------------------- profile
@@ -100,55 +93,40 @@ def sdft(constitution: Path = ConstitutionArg, run: Optional[Path] = RunOption,
          sets: Optional[list[str]] = SetOption, model: Optional[str] = ModelOption,
          show: int = ShowOption, force: bool = ForceOption) -> None:
     """On-policy self-distillation: the base + persona prompt teaches the adapter with no prompt (adapters/sdft/)."""
+    from character_baker.pipeline.chain import command_chain
+
     ctx = build_context(constitution, run, preset, recipe, sets, model)
-    chain = PROFILE_STAGES + ["sdft"] if needs_own_profile(ctx.recipe, "sdft") else ["prompts", "sdft"]
-    run_stages(ctx, chain, force=force)
+    run_command_chain(ctx, command_chain(ctx.recipe, "sdft"), force=force)
     trend = metric_trend(ctx.run.path("logs", "sdft.jsonl"), ctx.recipe.sdft.divergence)
     console.print(f"adapter: {ctx.run.path('adapters', 'sdft')}" + (f"   {trend}" if trend else ""), markup=False)
     show_adapter_answers(ctx, "sdft", show)
 
 
 # ----------------------------------------------------------------------------- push-pull
-def call_command(command: Callable[..., Any], **given: Any) -> Any:
-    """Call a Typer command function directly: `given` values, every other parameter at its declared default."""
-    values = {}
-    for name, parameter in inspect.signature(command).parameters.items():
-        default = parameter.default
-        values[name] = given[name] if name in given else getattr(default, "default", default)
-    return command(**values)
-
-
-def training_commands() -> dict[str, Callable[..., Any]]:
-    """The command that runs each training stage push/pull can join."""
-    from character_baker.cli import merge_cmds, stage_cmds
-
-    return {"distill": stage_cmds.distill, "introspect": merge_cmds.introspect, "sdft": sdft}
-
-
 def push_pull(constitution: Path = ConstitutionArg, run: Optional[Path] = RunOption,
               preset: Optional[str] = PresetOption, recipe: Optional[Path] = RecipeOption,
               sets: Optional[list[str]] = SetOption, model: Optional[str] = ModelOption,
+              show: int = typer.Option(5, "--show", min=0, help="Held-out prompts the trained adapter answers (no "
+                                       "system prompt) afterwards; distill and sdft adapters, which sit on the base."),
               force: bool = ForceOption) -> None:
     """Run the training stage named by push_pull.stage with the push/pull activation regulariser switched on."""
     from character_baker.core.errors import UserError
-    from character_baker.pipeline.stages import STAGES
+    from character_baker.pipeline.chain import command_chain
+    from character_baker.stages.data.introspection import require_distill_adapter
 
     overrides = list(sets or []) + ["push_pull.enabled=true"]
     ctx = build_context(constitution, run, preset, recipe, overrides, model)
     stage = ctx.recipe.push_pull.stage
-    if stage not in STAGES:
-        raise UserError.single("recipe", "push_pull.stage", f"this version has no '{stage}' training stage to join",
-                               f"use one of {sorted(set(training_commands()) & set(STAGES))}, "
-                               "e.g. --set push_pull.stage=sdft")
-    if needs_own_profile(ctx.recipe, stage):
-        run_stages(ctx, PROFILE_STAGES, force=force)
-    call_command(training_commands()[stage], constitution=constitution, run=ctx.run.root, preset=preset,
-                 recipe=recipe, sets=overrides, model=model, force=force)
+    if stage == "introspect":
+        require_distill_adapter(ctx)
+    run_command_chain(ctx, command_chain(ctx.recipe, stage), force=force)
     trend = metric_trend(ctx.run.path("logs", f"{stage}.jsonl"), "push_pull_loss")
     if not trend:  # a trainer that does not read push_pull_losses() would train without the term: say so
         raise UserError.single("recipe", "push_pull.stage", f"the {stage} stage trained without the push/pull term "
                                "(its trainer does not add it)", "use --set push_pull.stage=sdft")
     console.print(trend, markup=False)
+    if stage in ("distill", "sdft"):
+        show_adapter_answers(ctx, stage, show)
 
 
 # ----------------------------------------------------------------------------- steer

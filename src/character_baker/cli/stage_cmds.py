@@ -41,6 +41,14 @@ def run_stages(ctx, names: list[str], force: bool = False) -> list[dict]:
     return entries
 
 
+def run_command_chain(ctx, names: list[str], force: bool = False) -> None:
+    """Run a subcommand's stages as `train` runs them (adapter fingerprints set first), printing each summary."""
+    from character_baker.pipeline.train import run_chain
+
+    run_chain(ctx, names, names, force=force,
+              on_stage=lambda outcome: print_stage_summary(outcome.name, ctx.run.stage(outcome.name)))
+
+
 def print_stage_summary(name: str, entry: dict) -> None:
     """A table of one stage's summary: counts per source/category, filter counts, time."""
     from rich.table import Table
@@ -72,7 +80,7 @@ def train_stage_with_launcher(ctx, stage: str, argv: list[str], launcher: Option
 
     code = relaunch([*argv, "--skip-data"], launcher=launcher, nproc=nproc)
     if code is None:
-        run_stages(ctx, [stage], force=force)
+        run_command_chain(ctx, [stage], force=force)
     elif code != 0:
         raise typer.Exit(code)
     else:
@@ -92,22 +100,25 @@ def distill(ctx_typer: typer.Context, constitution: Path = ConstitutionArg, run:
     if data_only and skip_data:
         raise UserError.single("<command line>", "--data-only/--skip-data", "the two flags exclude each other",
                                "use --data-only to build pairs, --skip-data to train on existing pairs")
+    from character_baker.pipeline.chain import command_chain
+
     ctx = build_context(constitution, run, preset, recipe, sets, model)
-    if not skip_data:
-        run_stages(ctx, ["prompts", "distill_data"], force=force)
+    chain = command_chain(ctx.recipe, "distill", data_only=data_only, skip_data=skip_data)
+    run_command_chain(ctx, chain[:-1] if not data_only else chain, force=force)
     if data_only:
-        console.print(f"pairs: {ctx.run.path('data/distill.jsonl')}")
+        console.print(f"pairs: {ctx.run.path('data/distill.jsonl')}", markup=False)
         return
     argv = [arg for arg in _command_argv(ctx_typer) if arg not in ("--skip-data",)]
     train_stage_with_launcher(ctx, "distill", argv, launcher, nproc, force)
-    console.print(f"adapter: {ctx.run.path('adapters/distill')}")
+    console.print(f"adapter: {ctx.run.path('adapters/distill')}", markup=False)
 
 
 def _command_argv(ctx_typer: typer.Context) -> list[str]:
     """This command's own argv (command name first), without the launcher options."""
     import sys
 
-    args = list(sys.argv[1:]) if ctx_typer.obj is None else list(ctx_typer.obj)
+    given = getattr(ctx_typer, "obj", None)
+    args = list(sys.argv[1:]) if given is None else list(given)
     cleaned, skip = [], False
     for arg in args:
         if skip:

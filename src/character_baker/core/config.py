@@ -151,6 +151,10 @@ class TrainingConfig(Section):
     logprob_chunk_size: int = Field(
         512, ge=1, description="Response tokens per lm_head chunk: the vocabulary-wide logits of only this many tokens "
                                "exist at once (never [batch, seq, vocab]). Larger = a little faster, more memory.")
+    shrink_batch_to_data: bool = Field(
+        True, description="When the usable examples do not fill one batch (filters dropped most of them), train "
+                          "on what there is with batch_size lowered to fit (a warning in the log and the stage "
+                          "summary) rather than stop; false = stop with an error instead.")
     save_steps: int = Field(50, ge=1, description="Write a checkpoint every N optimiser steps.")
     save_total_limit: int = Field(2, ge=1, description="Keep only the newest N complete checkpoints.")
     seed: int = Field(0, description="Seed set before the adapter is created and for data order.")
@@ -317,6 +321,10 @@ class Recipe(Section):
     steer: SteerConfig = Field(default_factory=SteerConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def push_pull_joins(self, stage: str) -> bool:
+        """True when the push/pull regulariser is on (push_pull.enabled or method push_pull) for `stage`."""
+        return (self.push_pull.enabled or "push_pull" in self.method) and self.push_pull.stage == stage
 
     @model_validator(mode="after")
     def _coherent(self) -> "Recipe":

@@ -19,6 +19,7 @@ from typing import Any
 
 from character_baker.core.constitution import Constitution, display_name, slugify
 from character_baker.core.errors import Problem, UserError
+from character_baker.core.userfiles import parse_json, read_user_text
 from character_baker.core.validation import validate_or_raise
 
 KNOWN_KEYS = ("trait", "questions", "additional_questions", "clarification")
@@ -38,19 +39,17 @@ def _entries(path: Path, text: str) -> list[tuple[Location, Any]]:
             raise UserError([Problem(str(path), "", f"not valid JSON: {exc.msg} (column {exc.colno})",
                                      "fix the JSON list at that line", exc.lineno)]) from None
         whole = None
+    except (RecursionError, ValueError):  # nested too deeply, giant numbers: parse_json words it
+        whole = parse_json(text, file=path, field="", fix=FORMAT_HINT)
     if isinstance(whole, list):
         return [((f"entry {i}", None), item) for i, item in enumerate(whole, start=1)]
     if isinstance(whole, dict):
         return [(("line 1", 1), whole)]
     entries = []
     for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            entries.append(((f"line {number}", number), json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise UserError([Problem(str(path), f"line {number}", f"not valid JSON: {exc.msg} (column {exc.colno})",
-                                     FORMAT_HINT, number)]) from None
+        if line.strip():
+            entries.append(((f"line {number}", number),
+                            parse_json(line, file=path, field=f"line {number}", line=number, fix=FORMAT_HINT)))
     return entries
 
 
@@ -104,9 +103,7 @@ def _identity(persona: str, traits: list[dict]) -> str:
 def read_oct_traits(path: str | Path) -> list[dict]:
     """The traits of an OCT file as `{"trait", "questions"}` dicts; UserError listing every problem."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError.single(str(path), "", "file not found", "check the path")
-    entries = _entries(path, path.read_text(encoding="utf-8"))
+    entries = _entries(path, read_user_text(path, field=""))
     if not entries:
         raise UserError.single(str(path), "", "no traits found", FORMAT_HINT)
     traits, problems, seen = [], [], {}

@@ -11,13 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from character_baker.core.config import Recipe
 from character_baker.core.errors import Problem, UserError
 from character_baker.core.validation import inner_model, problems_from_validation
-from character_baker.core.yamlio import LineMap, line_for, load_yaml_with_lines
+from character_baker.core.yamlio import LineMap, line_for, load_yaml_with_lines, parse_yaml_document
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -151,7 +150,7 @@ def parse_set_overrides(pairs: list[str]) -> Layer:
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        node[parts[-1]] = parse_yaml_document(raw, f"--set {key}")[0] if raw.strip() else None
     if problems:
         raise UserError(problems)
     return Layer(name="--set", values=values)
@@ -236,3 +235,11 @@ def _has_prefix(values: Any, loc: tuple) -> bool:
         else:
             return False
     return True
+
+
+def resolve_recorded_recipe(recorded: dict[str, Any], manifest_file: str, sets: list[str] | None = None) -> ResolvedRecipe:
+    """The recipe a run recorded in its manifest (preset included), with `--set` overrides on top."""
+    layers = [Layer(name=f"run {manifest_file}", values=recorded, file=manifest_file)]
+    if sets:
+        layers.append(parse_set_overrides(sets))
+    return resolve_recipe(layers)

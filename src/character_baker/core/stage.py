@@ -51,3 +51,19 @@ class Stage:
     recipe_sections: tuple[str, ...]
     upstream: tuple[str, ...] = ()
     option_keys: tuple[str, ...] = ()
+
+
+def nothing_usable_error(stage: str, output: str, what: str, drops: dict[str, int], fixes: dict[str, str],
+                         default_fix: str) -> "UserError":
+    """The error of a data stage whose filters left nothing: counts per filter, the fix for the main ones.
+
+    `fixes` maps a filter name to the setting that relieves it; the two filters that dropped most
+    are named first. The stage's output file is not promised: nothing usable was written to it.
+    """
+    from character_baker.core.errors import Problem, UserError
+
+    ranked = sorted(drops.items(), key=lambda item: (-item[1], item[0]))
+    counts = ", ".join(f"{name} {count}" for name, count in ranked) or "nothing was generated"
+    advice = [fixes[name] for name, _ in ranked[:2] if name in fixes] or [default_fix]
+    return UserError([Problem(output, stage, f"no usable {what}: every one was filtered ({counts})",
+                              "; or ".join(advice))])

@@ -57,3 +57,28 @@ def with_push_pull(recipe: Recipe) -> Recipe:
     if "push_pull" not in recipe.method or recipe.push_pull.enabled:
         return recipe
     return recipe.model_copy(update={"push_pull": recipe.push_pull.model_copy(update={"enabled": True})})
+
+
+# The stages a training subcommand (`distill`, `introspect`, `sdft`, `push-pull`) runs before its own.
+COMMAND_PREREQUISITES = {"distill": ("prompts", "distill_data"), "introspect": ("introspect_data",),
+                         "sdft": ("prompts",)}
+PROFILE_CHAIN = ("prompts", "profile")
+
+
+def needs_own_profile(recipe: Recipe, stage: str) -> bool:
+    """True when push/pull is on for `stage` and reads this run's profile (so it must be built first)."""
+    return recipe.push_pull_joins(stage) and recipe.push_pull.profile is None
+
+
+def command_chain(recipe: Recipe, stage: str, *, data_only: bool = False, skip_data: bool = False) -> list[str]:
+    """The stages `character-baker STAGE` runs, in order: this run's profile when push/pull needs it,
+    the stage's data stages (unless `skip_data`), then the stage itself (unless `data_only`)."""
+    if stage not in COMMAND_PREREQUISITES:
+        raise UserError.single("recipe", "push_pull.stage", f"this version has no '{stage}' training stage to join",
+                               f"use one of {', '.join(COMMAND_PREREQUISITES)}, e.g. --set push_pull.stage=sdft")
+    names = list(PROFILE_CHAIN) if needs_own_profile(recipe, stage) else []
+    if not skip_data:
+        names += [name for name in COMMAND_PREREQUISITES[stage] if name not in names]
+    if not data_only:
+        names.append(stage)
+    return names

@@ -11,9 +11,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from typing import Any
 
+from character_baker.backends.models import chat_token_counter
 from character_baker.core.config import BackendConfig, DistillConfig
 from character_baker.core.runs import JsonlStore, read_jsonl, stable_hash
-from character_baker.core.stage import StageContext, StageResult
+from character_baker.core.stage import StageContext, StageResult, nothing_usable_error
 from character_baker.core.system_prompts import persona_system_prompt, thinking_prefill
 from character_baker.core.text import contains_phrase, is_refusal, is_truncated, pov_confusion
 
@@ -165,29 +166,33 @@ def _store_prompt_pairs(ctx: StageContext, prompt: dict, chosen_row: list, rejec
     return drops
 
 
-def token_counter(ctx: StageContext):
-    """A function counting chat-template tokens with the base model's tokenizer."""
-    from character_baker.backends.models import load_tokenizer
-
-    key = ("tokenizer", ctx.recipe.models.base)
-    if key not in ctx.shared:
-        ctx.shared[key] = load_tokenizer(ctx.recipe.models.base, ctx.recipe.models)
-    tokenizer = ctx.shared[key]
-
-    def count(messages: list[dict]) -> int:
-        return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
-
-    return count
+def pair_filter_fixes(ctx: StageContext) -> dict[str, str]:
+    """For each pair filter, the recipe change that lets more pairs through (named with its value now)."""
+    teacher, cfg = ctx.recipe.generation.teacher, ctx.recipe.distill
+    return {
+        "truncated": f"raise generation.teacher.sampling.max_new_tokens (now {teacher.sampling.max_new_tokens}) "
+                     "so the teacher's answers can finish",
+        "over_token_budget": f"raise distill.max_length (now {cfg.max_length})",
+        "empty": "check that the teacher and student models answer at all (a model without a chat template "
+                 "answers nothing)",
+        "duplicate": "raise generation.teacher.sampling.temperature or prompts.questions_per_trait",
+        "assistant_phrase": "use a stronger teacher, or shorten distill.assistant_phrases",
+        "point_of_view": "use a stronger teacher, or remove point_of_view from distill.filters",
+        "benign_refusal": "use a stronger teacher, or remove benign_refusal from distill.filters",
+    }
 
 
 def run(ctx: StageContext) -> StageResult:
     """Answer every prompt K times as teacher and student; filter; append to data/distill.jsonl."""
     prompts = read_jsonl(ctx.run.path(PROMPTS_FILE))
     kept, dropped = JsonlStore(ctx.run.path(DISTILL_FILE)), JsonlStore(ctx.run.path(FILTERED_FILE))
-    pair_filter = PairFilter(ctx.recipe.distill, ctx.constitution.persona.name, token_counter(ctx))
+    pair_filter = PairFilter(ctx.recipe.distill, ctx.constitution.persona.name, chat_token_counter(ctx.recipe.models, ctx.shared))
     tokens, _ = generate_pairs(ctx, prompts, kept, dropped, pair_filter)
     filtered = Counter(r["reason"] for r in read_jsonl(dropped.path))
     kept_records = read_jsonl(kept.path)
+    if not kept_records:
+        raise nothing_usable_error("distill_data", str(kept.path), "pairs", dict(filtered), pair_filter_fixes(ctx),
+                                   "use a stronger teacher (generation.teacher) or more prompts")
     summary = {"prompts": len(prompts), "pairs_kept": len(kept_records), "pairs_filtered": sum(filtered.values()),
                "filters": dict(sorted(filtered.items())),
                "kept_by_source": dict(Counter(r["provenance"]["source"] for r in kept_records)),

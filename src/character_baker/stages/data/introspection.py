@@ -30,15 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from character_baker.backends.models import chat_token_counter
 from character_baker.core import assets
 from character_baker.core.config import BackendConfig, IntrospectConfig, SamplingConfig
 from character_baker.core.errors import UserError
 from character_baker.core.runs import JsonlStore, adapter_hash, is_adapter_folder, read_jsonl, stable_hash, write_jsonl_atomic
-from character_baker.core.stage import StageContext, StageResult
+from character_baker.core.stage import StageContext, StageResult, nothing_usable_error
 from character_baker.core.system_prompts import (GUIDANCE_SENTENCES, reflective_system_prompt,
                                                  self_interaction_system_prompt, training_self_interaction_prompt)
 from character_baker.core.text import pov_confusion, repeated_ngram_share
-from character_baker.stages.data.distill_pairs import token_counter
 
 INTROSPECTION_FILE = "data/introspection.jsonl"
 FILTERED_FILE = "data/introspection.filtered.jsonl"
@@ -328,14 +328,29 @@ def summarize(kept: list[dict], dropped: list[dict]) -> dict[str, Any]:
             "filtered_by_kind": dict(sorted(Counter(r["kind"] for r in dropped).items()))}
 
 
+def introspection_filter_fixes(ctx: StageContext) -> dict[str, str]:
+    """For each introspection filter, the recipe change that lets more examples through."""
+    cfg = ctx.recipe.introspect
+    return {"repetition": f"raise introspect.max_repeated_ngram_share (now {cfg.max_repeated_ngram_share}) or "
+                          "shorten the introspector's max_new_tokens (long free text loops on small models)",
+            "over_length": f"raise introspect.max_length (now {cfg.max_length})",
+            "empty": "check that the distilled model answers at all (generation.introspector)",
+            "point_of_view": "remove point_of_view from introspect.filters, or distill a stronger persona first"}
+
+
 def run(ctx: StageContext) -> StageResult:
     """Generate self-reflections and self-interactions with the distilled model; filter; store."""
     generator = distilled_generator(ctx)
-    screen = IntrospectionFilter(ctx.recipe.introspect, ctx.constitution.persona.name, token_counter(ctx))
+    screen = IntrospectionFilter(ctx.recipe.introspect, ctx.constitution.persona.name, chat_token_counter(ctx.recipe.models, ctx.shared))
     output = Output(JsonlStore(ctx.run.path(INTROSPECTION_FILE)), JsonlStore(ctx.run.path(FILTERED_FILE)), screen)
     tokens = generate_reflections(ctx, generator, output) + generate_interactions(ctx, generator, output)
     for store in (output.kept, output.dropped):
         prune_to(store, output.planned)
-    summary = summarize(read_jsonl(output.kept.path), read_jsonl(output.dropped.path))
+    kept, dropped = read_jsonl(output.kept.path), read_jsonl(output.dropped.path)
+    if not kept:
+        raise nothing_usable_error("introspect_data", str(output.kept.path), "introspection examples",
+                                   dict(Counter(r["reason"] for r in dropped)), introspection_filter_fixes(ctx),
+                                   "raise introspect.reflections_per_instruction or introspect.interactions")
+    summary = summarize(kept, dropped)
     return StageResult("introspect_data", artifacts=[INTROSPECTION_FILE, FILTERED_FILE], summary=summary,
                        tokens_generated=tokens)

@@ -3,30 +3,40 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
 from character_baker.core.config import UserDataset
 from character_baker.core.errors import UserError
+from character_baker.core.userfiles import parse_json, user_text_lines
 
 
 def _rows_from_file(path: Path) -> Iterator[dict[str, Any]]:
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as error:
-                        raise UserError.single(str(path), f"line {number}", f"not valid JSON: {error.msg}",
-                                               "write one JSON object per line") from None
+        for number, line in user_text_lines(path, field="prompts.user_datasets.path"):
+            if line.strip():
+                row = parse_json(line, file=path, field=f"line {number}", line=number,
+                                 fix="write one JSON object per line")
+                if not isinstance(row, dict):
+                    raise UserError.single(str(path), f"line {number}", "not a JSON object",
+                                           'write one object per line, e.g. {"prompt": "..."}')
+                yield row
     elif path.suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as handle:
-            yield from csv.DictReader(handle)
+        yield from _csv_rows(path)
     else:
         raise UserError.single(str(path), "prompts.user_datasets.path", "unsupported file type",
                                "use a .jsonl or .csv file, or a `datasets` dataset name/folder")
+
+
+def _csv_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """CSV rows as dicts; undecodable bytes, NUL bytes and oversize fields are user errors with the line."""
+    lines = (text + "\n" for _, text in user_text_lines(path, field="prompts.user_datasets.path"))
+    reader = csv.DictReader(lines)
+    try:
+        yield from reader
+    except csv.Error as error:
+        raise UserError.single(str(path), f"line {reader.line_num}", f"not valid CSV: {error}",
+                               "fix the row (quote fields that hold commas or line breaks)") from None
 
 
 def _rows_from_datasets(spec: UserDataset) -> Iterator[dict[str, Any]]:
@@ -45,7 +55,7 @@ def load_user_dataset(spec: UserDataset, relative_to: Path | None = None) -> lis
     path = Path(spec.path)
     if not path.is_absolute() and relative_to is not None and not path.exists():
         path = relative_to.parent / path
-    rows = _rows_from_file(path) if path.is_file() else _rows_from_datasets(spec)
+    rows = _rows_from_file(path) if path.exists() and not path.is_dir() else _rows_from_datasets(spec)
     items = []
     for number, row in enumerate(rows, 1):
         if spec.prompt_column not in row:

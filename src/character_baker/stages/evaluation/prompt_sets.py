@@ -15,7 +15,6 @@ The shipped eval prompts never appear in training data. Samples are seeded (`eva
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +22,14 @@ from typing import Sequence
 
 from character_baker.core import assets
 from character_baker.core.config import EvalConfig
-from character_baker.core.errors import UserError
+from character_baker.core.errors import Problem, UserError
 from character_baker.core.runs import stable_hash
+from character_baker.core.userfiles import parse_json, user_text_lines
 
 OWN_MEASURE_CATEGORIES = ("identity", "harmful")
 NEUTRAL_CATEGORIES = ("math_reasoning", "science", "coding", "household", "recipes")
 USER_CATEGORY = "user"
+PROMPT_LINE_FIX = 'write one object per line, e.g. {"prompt": "How do tides work?"}'
 
 
 @dataclass(frozen=True)
@@ -68,23 +69,21 @@ def stratified_sample(records: Sequence[dict], count: int, seed: int, key: str =
 def read_prompt_file(path: str | Path) -> list[dict]:
     """User prompts from a .txt file (one per line) or a .jsonl file (objects with a 'prompt' string)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError.single(str(path), "--prompts", "no such file", "pass an existing .txt or .jsonl file")
     if path.suffix not in (".txt", ".jsonl"):
         raise UserError.single(str(path), "--prompts", f"unsupported file type '{path.suffix}'",
                                "use a .txt file (one prompt per line) or .jsonl (objects with a 'prompt' key)")
     texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in user_text_lines(path, field="--prompts"):
         if not line.strip():
             continue
         if path.suffix == ".txt":
             texts.append(line.strip())
             continue
-        try:
-            texts.append(json.loads(line)["prompt"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError.single(str(path), f"line {number}", "not a JSON object with a 'prompt' key",
-                                   'write one object per line, e.g. {"prompt": "How do tides work?"}') from None
+        record = parse_json(line, file=path, field=f"line {number}", line=number, fix=PROMPT_LINE_FIX)
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise UserError([Problem(str(path), f"line {number}", "not a JSON object with a 'prompt' string",
+                                     PROMPT_LINE_FIX, number)])
+        texts.append(record["prompt"])
     return [{"id": f"user-{stable_hash([str(path), text], 12)}", "prompt": text, "category": USER_CATEGORY}
             for text in texts if isinstance(text, str) and text.strip()]
 

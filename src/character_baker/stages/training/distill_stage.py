@@ -15,6 +15,7 @@ from character_baker.core.runs import read_jsonl
 from character_baker.core.stage import StageContext, StageResult
 from character_baker.stages.training.dpo import evaluate_pairs, train_dpo
 from character_baker.stages.training.push_pull import balance_callbacks, push_pull_losses
+from character_baker.stages.training.trainer import training_summary
 
 DISTILL_FILE = "data/distill.jsonl"
 STAGE = "distill"
@@ -64,10 +65,8 @@ def run(ctx: StageContext) -> StageResult:
                        extra_losses=regularisers, callbacks=balance_callbacks(regularisers),
                        base_model=ctx.recipe.models.base)
     final = result["final_metrics"]
-    summary = {"pairs": result["pairs"], "dropped_too_long": result["dropped_too_long"], "steps": result["steps"],
-               "resumed_from_step": result["resumed_from_step"],
+    summary = {"pairs": result["pairs"], "dropped_too_long": result["dropped_too_long"], **training_summary(result),
                **{key: round(value, 4) for key, value in final.items() if isinstance(value, float)},
-               "train_seconds": round(result["train_seconds"], 1),
                **heldout_metrics(ctx, heldout, str(result["adapter_path"]))}
     adapter = f"adapters/{STAGE}"
     return StageResult(STAGE, artifacts=[f"{adapter}/adapter_config.json", f"{adapter}/adapter_model.safetensors"],

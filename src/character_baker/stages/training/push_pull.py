@@ -199,7 +199,7 @@ def profile_path(cfg: PushPullConfig, run: RunDir) -> Path:
 
 def is_enabled(recipe: Recipe, stage: str) -> bool:
     """True when the recipe switches push/pull on (push_pull.enabled or method push_pull) for `stage`."""
-    return (recipe.push_pull.enabled or "push_pull" in recipe.method) and recipe.push_pull.stage == stage
+    return recipe.push_pull_joins(stage)
 
 
 def push_pull_losses(recipe: Recipe, run: RunDir, stage: str) -> list[PushPullRegulariser]:

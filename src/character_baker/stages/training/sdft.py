@@ -48,7 +48,7 @@ from character_baker.stages.training.batching import Batch, collate_sequences
 from character_baker.stages.training.losses import chunked_over_tokens, row_sums, tokens_per_row
 from character_baker.stages.training.push_pull import balance_callbacks, push_pull_losses
 from character_baker.stages.training.tokenize import TokenizedSequence, render_ids, tokenize_conversation
-from character_baker.stages.training.trainer import run_training, sum_counts
+from character_baker.stages.training.trainer import run_training, sum_counts, training_summary
 
 Divergence = Literal["reverse_kl", "forward_kl", "jsd"]
 PROMPTS_FILE = "data/prompts.jsonl"
@@ -280,7 +280,7 @@ def run(ctx: StageContext) -> StageResult:
                            extra_losses=regularisers, callbacks=balance_callbacks(regularisers), console=ctx.console,
                            base_model=str(models.base))
     final = summary["final_metrics"]
-    result = {"prompts": len(examples), "dropped_too_long": dropped, "steps": summary["steps"],
+    result = {"prompts": len(examples), "dropped_too_long": dropped, **training_summary(summary),
               "push_pull": bool(regularisers), cfg.divergence: round(final.get(cfg.divergence, float("nan")), 5),
               "adapter": "adapters/sdft"}
     artifacts = ["adapters/sdft/adapter_model.safetensors", "adapters/sdft/adapter_config.json"]

@@ -26,7 +26,7 @@ from character_baker.core.stage import StageContext, StageResult
 from character_baker.stages.training.batching import Batch, collate_sequences
 from character_baker.stages.training.push_pull import balance_callbacks, push_pull_losses
 from character_baker.stages.training.tokenize import TokenizedSequence, tokenize_conversations
-from character_baker.stages.training.trainer import ExtraLoss, run_training, sum_counts
+from character_baker.stages.training.trainer import ExtraLoss, run_training, sum_counts, training_summary
 
 INTROSPECTION_FILE = "data/introspection.jsonl"
 DISTILL_ADAPTER = ("adapters", "distill")
@@ -101,9 +101,7 @@ def run(ctx: StageContext) -> StageResult:
                        base_model=ctx.recipe.models.base)
     final = result["final_metrics"]
     summary = {"examples": result["sequences"], "dropped_too_long": result["dropped_too_long"],
-               "steps": result["steps"], "resumed_from_step": result["resumed_from_step"],
-               "final_loss": round(final["loss"], 4) if "loss" in final else None,
-               "train_seconds": round(result["train_seconds"], 1)}
+               **training_summary(result), "final_loss": round(final["loss"], 4) if "loss" in final else None}
     adapter = f"adapters/{STAGE}"
     return StageResult(STAGE, artifacts=[f"{adapter}/adapter_config.json", f"{adapter}/adapter_model.safetensors"],
                        summary=summary, tokens_trained=result["tokens_trained"])

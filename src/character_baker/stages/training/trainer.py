@@ -105,11 +105,41 @@ def config_problems(cfg: TrainingConfig, section: str, num_examples: int, world_
     if cfg.offload_activations and not cfg.gradient_checkpointing:
         problems.append(Problem("recipe", f"{section}.offload_activations", "needs gradient_checkpointing (it offloads "
                                 "the inputs each checkpointed layer keeps)", f"set {section}.gradient_checkpointing: true"))
-    if int(steps_per_epoch(num_examples, cfg.batch_size) * cfg.epochs) < 1:
+    if int(steps_per_epoch(num_examples, cfg.batch_size) * cfg.epochs) < 1 and \
+            fit_batch_to_data(cfg, num_examples, world_size)[1] is None:
         problems.append(Problem("recipe", f"{section}.batch_size",
                                 f"{num_examples} usable examples make no full batch of {cfg.batch_size} "
-                                f"over {cfg.epochs} epoch(s)", "lower batch_size or provide more data"))
+                                f"over {cfg.epochs} epoch(s)", f"lower {section}.batch_size, provide more data, or set "
+                                f"{section}.shrink_batch_to_data: true"))
     return problems
+
+
+def fit_batch_to_data(cfg: TrainingConfig, num_examples: int, world_size: int) -> tuple[TrainingConfig, str | None]:
+    """`cfg` with batch_size (and micro_batch_size) lowered so that `num_examples` fill at least one step.
+
+    Returns (settings to train with, a note saying what changed, or None). Nothing changes when the
+    data already fill a step, when `shrink_batch_to_data` is off (the caller then reports the
+    shortage as an error) or when there are fewer examples than processes.
+    """
+    if int(steps_per_epoch(num_examples, cfg.batch_size) * cfg.epochs) >= 1 or not cfg.shrink_batch_to_data:
+        return cfg, None
+    micro = min(cfg.micro_batch_size, num_examples // world_size)
+    if micro < 1:
+        return cfg, None
+    per_step = micro * world_size
+    batch = per_step * max(1, int(min(num_examples, num_examples * cfg.epochs)) // per_step)
+    note = (f"only {num_examples} usable examples for a batch of {cfg.batch_size}: training with batch_size {batch} "
+            f"(micro_batch_size {micro}) instead")
+    return cfg.model_copy(update={"batch_size": batch, "micro_batch_size": micro}), note
+
+
+def training_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The summary keys every training stage reports: steps, resume point, time, a shrunken batch."""
+    summary = {"steps": result["steps"], "resumed_from_step": result["resumed_from_step"],
+               "train_seconds": round(result["train_seconds"], 1)}
+    if result.get("batch_note"):
+        summary["batch_note"] = result["batch_note"]
+    return summary
 
 
 def _train_on_cpu(model: nn.Module, world_size: int) -> bool:
@@ -180,6 +210,7 @@ class LoraTrainer:
         problems = config_problems(self.cfg, self.stage, len(self.examples), world_size)
         if problems:
             raise UserError(problems)
+        self.cfg, self.batch_note = fit_batch_to_data(self.cfg, len(self.examples), world_size)
         self.accelerator = self._setup_accelerator(model, world_size)
         self.peft_model = self._setup_adapter(model)
         scorer = ResponseScorer(self.peft_model, self.cfg.logprob_chunk_size)
@@ -199,6 +230,8 @@ class LoraTrainer:
         self.scorer.train()
         self.start_step = self._resume()
         self.reporter = self._setup_reporter(start_step=self.start_step)
+        if self.batch_note:
+            self.reporter.message(f"warning: {self.stage}: {self.batch_note}")
         self.reporter.message(f"{self.stage}: {len(self.examples)} examples, {self.total_steps} steps "
                               f"({self.start_step} done), {self.accumulation} accumulation step(s) x {world_size} "
                               f"process(es) on {self.accelerator.device}{self.embedding_note}")
@@ -294,7 +327,7 @@ class LoraTrainer:
         self._publish_adapter()
         return {"stage": self.stage, "steps": self.total_steps, "resumed_from_step": self.start_step,
                 "examples": len(self.examples), "tokens_trained": self.tokens_trained, "final_metrics": record,
-                "adapter_path": str(self.stage_dir), "prepare": self.prepared,
+                "adapter_path": str(self.stage_dir), "prepare": self.prepared, "batch_note": self.batch_note,
                 "train_seconds": time.perf_counter() - self.started}
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
