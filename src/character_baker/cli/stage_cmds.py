@@ -22,7 +22,10 @@ def build_context(constitution_path: Path, run: Optional[Path], preset: Optional
     from character_baker.core.stage import StageContext
     from character_baker.pipeline.runner import default_run_dir
 
+    from character_baker.stages.data.sources import check_user_dataset_files
+
     constitution, resolved = resolve_settings(constitution_path, preset, recipe, sets, model)
+    check_user_dataset_files(resolved.recipe.prompts.user_datasets, constitution_path)  # before anything is written
     run_dir = RunDir.create(run or default_run_dir(constitution.meta.name, runs_root))
     return StageContext(run=run_dir, constitution=constitution, recipe=resolved.recipe,
                         constitution_path=constitution_path, options=options, console=console)

@@ -53,7 +53,13 @@ def check_user_file(path: str | Path, *, field: str, max_bytes: int) -> Path:
     return path
 
 
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
 def _binary_problem(path: Path, field: str, data: bytes, base_offset: int = 0, line: int | None = None) -> Problem | None:
+    if base_offset == 0 and data.startswith(UTF16_BOMS):
+        return Problem(str(path), field, "UTF-16 text (a byte-order mark at byte 0), not UTF-8",
+                       "save the file as UTF-8 (e.g. `iconv -f utf-16 -t utf-8 FILE`)", line)
     zero = data.find(b"\x00")
     if zero < 0:
         return None

@@ -145,12 +145,13 @@ def run(ctx: StageContext) -> StageResult:
     cfg = ctx.recipe.prompts
     rng = random.Random(cfg.seed)
     deduper = OverlapDeduper(cfg.dedupe_overlap)
+    # Read (and so check) the user's files before any model loads: a bad file fails in a second.
+    user_items = [item for dataset in cfg.user_datasets for item in load_user_dataset(dataset, ctx.constitution_path)]
     constitution_records, tokens = constitution_prompts(ctx, cfg, deduper)
     records = constitution_records + general_prompts(cfg, rng, deduper) + synthesized_prompts(cfg, rng, deduper)
-    for dataset in cfg.user_datasets:
-        for item in load_user_dataset(dataset, ctx.constitution_path):
-            if deduper.add(item["prompt"]):
-                records.append(_record(item["prompt"], item["source"], item["category"]))
+    for item in user_items:
+        if deduper.add(item["prompt"]):
+            records.append(_record(item["prompt"], item["source"], item["category"]))
     add_persona_hints(records, cfg.persona_hint_fraction, rng)
     for record in records:
         record["provenance"] = {"stage": "prompts", "seed": cfg.seed}

@@ -50,11 +50,17 @@ def _rows_from_datasets(spec: UserDataset) -> Iterator[dict[str, Any]]:
     yield from dataset
 
 
-def load_user_dataset(spec: UserDataset, relative_to: Path | None = None) -> list[dict[str, str]]:
-    """Rows of a user dataset as {'prompt', 'category', 'source'} using the column mapping."""
+def _local_path(spec: UserDataset, relative_to: Path | None) -> Path:
+    """The dataset's path as given, or next to the constitution when it is relative and not found as given."""
     path = Path(spec.path)
     if not path.is_absolute() and relative_to is not None and not path.exists():
         path = relative_to.parent / path
+    return path
+
+
+def load_user_dataset(spec: UserDataset, relative_to: Path | None = None) -> list[dict[str, str]]:
+    """Rows of a user dataset as {'prompt', 'category', 'source'} using the column mapping."""
+    path = _local_path(spec, relative_to)
     rows = _rows_from_file(path) if path.exists() and not path.is_dir() else _rows_from_datasets(spec)
     items = []
     for number, row in enumerate(rows, 1):
@@ -69,3 +75,11 @@ def load_user_dataset(spec: UserDataset, relative_to: Path | None = None) -> lis
         if spec.limit and len(items) >= spec.limit:
             break
     return items
+
+
+def check_user_dataset_files(specs: list[UserDataset], relative_to: Path | None = None) -> None:
+    """Read every user dataset that is a local file, so a bad one is a UserError before any work starts."""
+    for spec in specs:
+        path = _local_path(spec, relative_to)
+        if path.exists() and not path.is_dir():
+            load_user_dataset(spec, relative_to)
