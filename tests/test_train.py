@@ -54,6 +54,23 @@ def test_dry_run_prints_the_plan_and_runs_nothing(cli, tmp_path, tiny_model_dir)
     assert not (tmp_path / "pirate" / "data" / "prompts.jsonl").exists()
 
 
+def test_dry_run_warns_when_the_planned_data_cannot_fill_a_batch(cli, tmp_path, tiny_model_dir):
+    args = tiny_args(tiny_model_dir, tmp_path)
+    code, out, err = cli("train", "constitutions/pirate.yaml", "--dry-run", *args)
+    assert code == 0, err
+    flat = " ".join(out.split())
+    # Smoke sizes: 10 reflections + 2 interactions for a batch of 4 fill it; no warning for introspect.
+    assert "warning: introspect" not in flat
+    code, out, err = cli("train", "constitutions/pirate.yaml", "--dry-run", *args, "--set", "introspect.batch_size=16",
+                         "--set", "sdft.batch_size=16", "--set", "method=[distill, introspect, sdft]",
+                         "--set", "sdft.shrink_batch_to_data=false")
+    assert code == 0, err
+    flat = " ".join(out.split())
+    assert ("warning: introspect: at most 12 introspection examples planned (before filters) for "
+            "introspect.batch_size 16: the batch will shrink to fit") in flat
+    assert "warning: sdft: at most 8 prompts planned (before filters) for sdft.batch_size 16: the stage will stop" in flat
+
+
 def test_train_runs_the_chain_then_skips_and_resumes(cli, tmp_path, tiny_model_dir):
     code, out, err = cli("train", "constitutions/pirate.yaml", *tiny_args(tiny_model_dir, tmp_path))
     assert code == 0, err

@@ -27,6 +27,8 @@ def _print_plan(name: str, plan) -> None:
     console.print(f"counts: {counts}")
     console.print(f"estimated tokens: {plan.tokens_generate:,} to generate, {plan.tokens_train:,} to train on")
     console.print(f"estimated time on this machine: {plan.seconds / 60:.1f} min (rough: rates from benchmarks/)")
+    for warning in plan.warnings:
+        console.print(f"[yellow]warning[/]: {warning}", soft_wrap=True)
 
 
 def _print_summary(ctx, outcomes) -> None:

@@ -112,6 +112,7 @@ class Plan:
     device: str
     params: float
     seconds: float
+    warnings: list[str] = field(default_factory=list)
 
 
 def estimate_counts(ctx: StageContext) -> dict[str, int]:
@@ -177,7 +178,25 @@ def plan_run(ctx: StageContext, start: str | None = None, until: str | None = No
     params = model_size(ctx)
     scale = REFERENCE_PARAMS / params
     seconds = generate / (RATES[device]["generate"] * scale) + train / (RATES[device]["train"] * scale)
-    return Plan(stages, planned, actions, counts, generate, train, device, params, seconds)
+    return Plan(stages, planned, actions, counts, generate, train, device, params, seconds,
+                thin_data_warnings(ctx, counts, to_run))
+
+
+def thin_data_warnings(ctx: StageContext, counts: dict[str, int], stages: list[str]) -> list[str]:
+    """One line per training stage whose planned examples (before any filter) cannot fill one batch."""
+    recipe = ctx.recipe
+    planned = {"distill": (int(counts["distill_samples"] / 2 * (1 - recipe.distill.heldout_fraction)), "pairs"),
+               "introspect": (counts["reflections"] + counts["interactions"], "introspection examples"),
+               "sdft": (recipe.sdft.prompts, "prompts")}
+    warnings = []
+    for stage, (count, what) in planned.items():
+        cfg = getattr(recipe, stage)
+        if stage in stages and count < cfg.batch_size:
+            action = ("the batch will shrink to fit" if cfg.shrink_batch_to_data
+                      else f"the stage will stop ({stage}.shrink_batch_to_data is off)")
+            warnings.append(f"{stage}: at most {count} {what} planned (before filters) for {stage}.batch_size "
+                            f"{cfg.batch_size}: {action}; raise the data sizes or lower {stage}.batch_size")
+    return warnings
 
 
 # ----------------------------------------------------------------------------- batch
