@@ -48,11 +48,31 @@ def is_adapter_folder(folder: str | Path) -> bool:
     return all((Path(folder) / name).is_file() for name in ADAPTER_FILES)
 
 
+def canonical_adapter_config(folder: str | Path) -> None:
+    """Rewrite a PEFT adapter_config.json with `target_modules` sorted, so equal adapters are equal bytes.
+
+    PEFT (0.13-0.21 at least) stores `target_modules` as a set and writes it in the set's
+    iteration order, which changes with every process's hash seed.
+    """
+    path = Path(folder) / ADAPTER_FILES[0]
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def adapter_hash(folder: str | Path) -> str | None:
-    """Hash of a PEFT adapter's config and weights (checkpoints and logs left out); None when incomplete."""
+    """Hash of a PEFT adapter's config and weights (checkpoints and logs left out); None when incomplete.
+
+    The config is hashed as data, not bytes: PEFT writes `target_modules` from a Python set, so its
+    order changes with the process's hash seed, and two identical adapters would hash apart.
+    """
     if not is_adapter_folder(folder):
         return None
-    return stable_hash([file_hash(Path(folder) / name) for name in ADAPTER_FILES])
+    config = json.loads((Path(folder) / ADAPTER_FILES[0]).read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    return stable_hash([config, file_hash(Path(folder) / ADAPTER_FILES[1])])
 
 
 def _umask_mode() -> int:

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from character_baker.core.errors import Problem, UserError
+from character_baker.core.runs import canonical_adapter_config
 
 PEFT_PREFIX = "base_model.model."
 
@@ -199,6 +200,7 @@ def write_lora(delta: Delta, folder: Path, *, base_model: str) -> int:
         tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = padded.B.contiguous().cpu()
     with atomic_folder(folder) as staging:
         config.save_pretrained(str(staging))
+        canonical_adapter_config(staging)
         save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
     return rank
 

@@ -30,7 +30,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from character_baker.core.runs import ADAPTER_FILES, atomic_write_json
+from character_baker.core.runs import ADAPTER_FILES, atomic_write_json, canonical_adapter_config
 
 MARKER = "checkpoint.json"
 STATE_FILE = "trainer_state.pt"
@@ -74,6 +74,7 @@ def save_adapter(peft_model: Any, model_state: dict[str, torch.Tensor], folder: 
     """Write a standard PEFT adapter folder from a trainable-state dict keyed relative to the scorer."""
     state = {key[len(prefix):]: value for key, value in model_state.items() if key.startswith(prefix)}
     peft_model.save_pretrained(str(folder), state_dict=state)
+    canonical_adapter_config(folder)
 
 
 def save_checkpoint(stage_dir: Path, step: int, *, peft_model: Any, model_state: dict, optimizer_state: dict,
