@@ -412,11 +412,11 @@ class BatchEngine:
 
     def step(self) -> None:
         """One iteration: free cancelled rows, prefill newly admitted requests, decode one token per running row."""
-        for row in [row for row in self._slots if row is not None and row.handle.cancel_requested]:
-            self._finish(row, "cancelled")
+        self._reap_cancelled()
         admitted = self._admit()
         for group in self._prefill_groups(admitted):
             self._guarded(group, self._prefill, group)
+        self._reap_cancelled()  # again: a callback of the prefill may have cancelled its request
         running = [row for row in self._slots if row is not None]
         if running:
             self._guarded(running, self._decode)
@@ -424,6 +424,10 @@ class BatchEngine:
             self.on_step()
         if not running and not admitted:
             self._adapters.restore()
+
+    def _reap_cancelled(self) -> None:
+        for row in [row for row in self._slots if row is not None and row.handle.cancel_requested]:
+            self._finish(row, "cancelled")
 
     def _guarded(self, rows: list[_Row], work: Callable[..., None], *args: Any) -> None:
         """Run one forward's work; if it raises, finish its rows with the error."""
