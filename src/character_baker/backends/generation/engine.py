@@ -159,7 +159,7 @@ class _Row:
         self.generated: list[int] = []
         self.generator = None
         if request.seed is not None and request.temperature > 0:
-            self.generator = torch.Generator(device=device).manual_seed(request.seed)
+            self.generator = torch.Generator(device=device).manual_seed(request.seed % 2**64)
 
 
 class SlotKVCache:
