@@ -167,7 +167,7 @@ def _add_routes(app: FastAPI, bridge: GenerationBridge, target: ServeTarget, set
                            code="unsupported_media_type")
         chat = parse_chat_request(await request.body())
         prepared = bridge.prepare(chat)
-        generation = bridge.start(prepared)
+        generation = bridge.start(prepared, stream=chat.stream)
         started = await until_done_or_gone(request, generation.wait_started(settings.queue_timeout), generation)
         if started is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)

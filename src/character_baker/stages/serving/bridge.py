@@ -247,11 +247,14 @@ class GenerationBridge:
                            code="context_length_exceeded", param="messages")
         return min(wanted, room)
 
-    def start(self, prepared: PreparedChat) -> "Generation":
-        """Queue the request on its base's engine (ApiError 429 with Retry-After when the queue is full)."""
+    def start(self, prepared: PreparedChat, *, stream: bool = True) -> "Generation":
+        """Queue the request on its base's engine (ApiError 429 with Retry-After when the queue is full).
+
+        `stream=False` hands the text over once, at the end, instead of per token.
+        """
         loaded = self.weights[prepared.weights]
         try:
-            return Generation(loaded, prepared, self.relay)
+            return Generation(loaded, prepared, self.relay, stream=stream)
         except QueueFull as full:
             raise ApiError(429, f"the server is busy: {full.running} requests decoding and {full.waiting} waiting "
                            "for this model, the most it queues (serve --max-concurrency, --max-queue); retry later",
@@ -292,13 +295,14 @@ def retry_after_s(engine: BatchEngine) -> int:
 class Generation:
     """One request in an engine, seen from the event loop: started, then text events, then the final event."""
 
-    def __init__(self, loaded: LoadedWeights, prepared: PreparedChat, relay: LoopRelay):
-        self.prepared, self.relay = prepared, relay
+    def __init__(self, loaded: LoadedWeights, prepared: PreparedChat, relay: LoopRelay, *, stream: bool = True):
+        self.prepared, self.relay, self.stream = prepared, relay, stream
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         self.started = asyncio.Event()
         self.finished = False
         self.decoder = IncrementalDecoder(loaded.tokenizer, loaded.stop_ids)
+        self.held: list[str] = []  # text of a request that does not stream, handed over at the end
         self.handle = loaded.engine.submit(EngineRequest(
             prompt_ids=prepared.prompt_ids, max_new_tokens=prepared.max_new_tokens,
             stop_ids=frozenset(loaded.stop_ids), temperature=prepared.temperature, top_p=prepared.top_p,
@@ -311,11 +315,13 @@ class Generation:
 
     def _on_token(self, token_id: int) -> None:
         text = self.decoder.push(token_id)
-        if text:
+        if text and self.stream:
             self.relay.post(self.loop, self.queue.put_nowait, GenerationEvent(text=text))
+        elif text:
+            self.held.append(text)
 
     def _on_finish(self, result: EngineResult) -> None:
-        tail = self.decoder.flush()
+        tail = "".join(self.held) + self.decoder.flush()
         if tail:
             self.relay.post(self.loop, self.queue.put_nowait, GenerationEvent(text=tail))
         if result.finish_reason == "error":
