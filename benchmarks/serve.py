@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import datetime
 import os
-import platform
 import shlex
 import socket
 import subprocess
@@ -39,6 +38,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+from generation import machine  # benchmarks/generation.py: GPU name, or CPU model, cores and torch threads
 
 QUESTIONS = ["Who are you?", "Tell me about yourself.", "Write a short poem about the sea.",
              "Explain step by step how a sail catches the wind.", "What is the capital of France?",
@@ -226,21 +227,6 @@ def summary_row(mode: str, clients: int, outcomes: list[Outcome], seconds: float
     return (mode, clients, len(outcomes), counts["ok"], counts["refused"], counts["lost"], f"{seconds:.2f}",
             f"{len(done) / seconds:.2f}", f"{tokens_per_s:,.0f}", ratio, f"{percentile(first, 0.5):.3f}",
             f"{percentile(first, 0.95):.3f}", f"{percentile(total, 0.5):.3f}", f"{percentile(total, 0.95):.3f}")
-
-
-def machine() -> str:
-    """GPU name (when this machine has one), else the CPU model and core count."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return f"{torch.cuda.get_device_name()} ({torch.cuda.device_count()} GPU)"
-    except ImportError:
-        pass
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
-               platform.processor() or "CPU")
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def markdown(rows: list[tuple], argv: list[str], notes: str) -> str:
