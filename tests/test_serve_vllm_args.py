@@ -207,3 +207,22 @@ def test_serve_passes_every_run_to_vllm(tmp_path, monkeypatch, cli):
     assert [module.split("=")[0] for module in argv[argv.index("--lora-modules") + 1:argv.index("--max-lora-rank")]] \
         == ["pirate", "sarcastic"]
     assert argv[argv.index("--max-num-seqs") + 1] == "64"
+
+
+def test_serve_hands_every_limit_to_the_transformers_server(tmp_path, monkeypatch, cli):
+    from character_baker.stages.serving import app as app_module
+
+    base = fake_model(tmp_path / "SmolBase")
+    fake_run(tmp_path / "runs", base, adapter_config={"r": 8})
+    fake_run(tmp_path / "runs", base, adapter_config={"r": 8}, name="sarcastic")
+    served = []
+    monkeypatch.setattr(app_module, "run_server", lambda target, settings: served.append((target, settings)))
+    code, out, err = cli("serve", str(tmp_path / "runs"), "--engine", "transformers", "--port", "8123",
+                         "--api-key", "k", "--max-tokens", "77", "--max-concurrency", "5", "--max-queue", "9",
+                         "--queue-timeout", "2.5", "--max-body-bytes", "4321")
+    assert code == 0, err
+    [(target, settings)] = served
+    assert [model.id for model in target.models] == ["pirate", "sarcastic", "SmolBase"]
+    assert (settings.port, settings.api_key, settings.max_tokens, settings.max_concurrency, settings.max_queue,
+            settings.queue_timeout, settings.max_body_bytes) == (8123, "k", 77, 5, 9, 2.5, 4321)
+    assert "serving pirate, sarcastic, SmolBase on http://127.0.0.1:8123/v1" in out
