@@ -1,8 +1,10 @@
 """Serving load test: N concurrent clients (the official `openai` package) against a server on loopback.
 
-    # launch the server itself (our transformers engine), then 256 concurrent streaming clients:
-    PYTHONPATH=src python benchmarks/serve.py --serve HuggingFaceTB/SmolLM2-135M-Instruct \\
-        --serve-args "--max-concurrency 256 --max-queue 512" --clients 256 --modes stream --max-tokens 128
+    # the GPU target (one H200): launch our server on SmolLM2-135M, then 256 concurrent streaming clients
+    PYTHONPATH=src python benchmarks/serve.py --serve HuggingFaceTB/SmolLM2-135M-Instruct --serve-args "--max-concurrency 256 --max-queue 512" --clients 256 --modes stream --max-tokens 128 --baseline-requests 5
+
+    # the CPU target: the test kit's tiny model, 200 concurrent requests, streaming and not
+    PYTHONPATH=src python benchmarks/serve.py --serve tiny --clients 200 --max-tokens 32
 
     # or measure a server that is already running (ours or `vllm serve`):
     PYTHONPATH=src python benchmarks/serve.py --url http://127.0.0.1:8000/v1 --model pirate --clients 64
