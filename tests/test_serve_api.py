@@ -2,74 +2,30 @@
 
 One server runs for the module: the real CLI in a subprocess on 127.0.0.1:<free port>, serving a
 run directory whose persona adapter (non-zero LoRA weights) sits on a tiny Llama, with the API key
-taken from CHARACTER_BAKER_API_KEY. A few in-process tests build the app directly.
+taken from CHARACTER_BAKER_API_KEY. The in-process tests build the app directly, to hold the
+engine busy (a token callback that blocks) and fill its queue, or to watch a request get cancelled.
 """
 
 from __future__ import annotations
 
 import base64
-import os
+import json
 import socket
-import subprocess
-import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from tests.serve_kit import app_in_thread, cli_server, make_run
+
 KEY = "sk-serve-test"
 MAX_TOKENS = 24
 MAX_BODY = 4096
-PIRATE = Path(__file__).resolve().parents[1] / "constitutions" / "pirate.yaml"
 HELLO = [{"role": "user", "content": "Who are you?"}]
-
-
-def make_run(root: Path, base_dir: Path) -> Path:
-    """A run directory as train leaves it: manifest (recipe, constitution) and adapters/persona/."""
-    import torch
-
-    from character_baker.backends.models import attach_lora
-    from character_baker.core.config import LoraConfig, ModelsConfig, Recipe
-    from character_baker.core.constitution import load_constitution
-    from character_baker.core.runs import RunDir
-    from character_baker.testing import tiny_model, tiny_tokenizer
-
-    run = RunDir.create(root / "pirate")
-    model = attach_lora(tiny_model("llama", tiny_tokenizer()), LoraConfig(r=8, alpha=16), seed=0)
-    with torch.no_grad():  # a fresh adapter is the identity (B = 0): give it weights that change answers
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(std=0.5)
-    model.save_pretrained(run.path("adapters", "persona"))
-    recipe = Recipe(models=ModelsConfig(base=str(base_dir), device="cpu"))
-    run.update_manifest(recipe=recipe.model_dump(mode="json"),
-                        constitution={"name": "pirate", "path": str(PIRATE),
-                                      "hash": load_constitution(PIRATE).content_hash()})
-    return run.root
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until_healthy(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 120.0) -> None:
-    """Poll /health until it answers 200; fail with the server's output if it exits or times out."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"serve exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {KEY}"}, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"serve did not become healthy in {timeout_s}s:\n{log.read_text()}")
 
 
 @pytest.fixture(scope="module")
@@ -77,25 +33,9 @@ def server(tmp_path_factory, tiny_model_dir):
     """The CLI serving the run on a free loopback port; yields its base URL."""
     root = tmp_path_factory.mktemp("serve-api")
     run = make_run(root / "runs", tiny_model_dir)
-    port = free_port()
-    env = {**os.environ, "CHARACTER_BAKER_API_KEY": KEY, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "CHARACTER_BAKER_CACHE": str(root / "cache")}
-    log = root / "serve.log"
-    with open(log, "w") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "character_baker", "serve", str(run), "--engine", "transformers", "--port",
-             str(port), "--max-tokens", str(MAX_TOKENS), "--max-concurrency", "2", "--max-body-bytes", str(MAX_BODY)],
-            env=env, stdout=output, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(url, process, log)
+    with cli_server([str(run), "--max-tokens", str(MAX_TOKENS), "--max-concurrency", "2",
+                     "--max-body-bytes", str(MAX_BODY)], root, KEY) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 @pytest.fixture(scope="module")
@@ -223,46 +163,174 @@ def test_non_json_content_type_and_foreign_host_are_refused(server):
     assert rebound.status_code == 400 and "loopback" in rebound.json()["error"]["message"]
 
 
-def test_the_page_and_its_config_name_both_panes(server, tiny_model_dir):
+def test_the_page_and_its_config_name_the_character_and_its_compare_pane(server, tiny_model_dir):
     auth = {"Authorization": f"Bearer {KEY}"}
     page = httpx.get(f"{server}/", headers=auth)
-    assert page.status_code == 200 and 'id="panes"' in page.text
+    assert page.status_code == 200 and 'id="panes"' in page.text and 'id="character"' in page.text
     assert "script-src 'sha256-" in page.headers["Content-Security-Policy"]
-    panes = httpx.get(f"{server}/page/config", headers=auth).json()["panes"]
-    assert [pane["model"] for pane in panes] == ["pirate", Path(tiny_model_dir).name]
-    assert panes[0]["system_prompt"] is None and "Captain Rook" in panes[1]["system_prompt"]
+    [character] = httpx.get(f"{server}/page/config", headers=auth).json()["characters"]
+    assert character["pane"]["model"] == "pirate" and character["pane"]["system_prompt"] is None
+    assert character["compare"]["model"] == Path(tiny_model_dir).name
+    assert "Captain Rook" in character["compare"]["system_prompt"]
+
+
+def test_a_five_megabyte_body_gets_413_through_the_official_client(client):
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.chat.completions.create(model="pirate", messages=[{"role": "user", "content": "a" * 5_000_000}])
+    assert refused.value.status_code == 413
+    assert refused.value.body["code"] == "request_too_large" and "limit of 4096 bytes" in refused.value.message
 
 
 # ----------------------------------------------------------------------------- in-process
-@pytest.fixture(scope="module")
-def one_slot_app(tiny_model_dir):
-    """The app serving the tiny model with one generation slot and no API key."""
+def tiny_target(tiny_model_dir):
     from character_baker.core.config import ModelsConfig
+    from character_baker.stages.serving.target import Character, Pane, ServedModel, ServeTarget
+
+    return ServeTarget(models=(ServedModel("tiny", str(tiny_model_dir)),), characters=(Character(Pane("tiny", "tiny")),),
+                       models_config=ModelsConfig(device="cpu"))
+
+
+@contextmanager
+def tiny_app(tiny_model_dir, **limits):
+    """(bridge, app) serving the tiny model with no API key and the given ServeSettings limits."""
     from character_baker.stages.serving.app import ServeSettings, create_app
     from character_baker.stages.serving.bridge import GenerationBridge
-    from character_baker.stages.serving.target import Pane, ServedModel, ServeTarget
 
-    target = ServeTarget(models=(ServedModel("tiny", str(tiny_model_dir)),), panes=(Pane("tiny", "tiny"),),
-                         models_config=ModelsConfig(device="cpu"))
-    bridge = GenerationBridge.load(target, max_concurrency=1, max_tokens=8)
-    return bridge, create_app(bridge, target, ServeSettings(max_tokens=8, max_concurrency=1))
+    settings = ServeSettings(**{"max_tokens": 8, **limits})
+    target = tiny_target(tiny_model_dir)
+    bridge = GenerationBridge.load(target, max_concurrency=settings.max_concurrency, max_queue=settings.max_queue,
+                                   max_tokens=settings.max_tokens)
+    try:
+        yield bridge, create_app(bridge, target, settings)
+    finally:
+        bridge.close()
 
 
-def test_without_a_key_routes_are_open_and_busy_slots_give_429(one_slot_app):
+@contextmanager
+def engine_held(bridge, queued: int = 0):
+    """Hold the bridge's engine busy (one row whose token callback blocks) with `queued` more requests waiting."""
+    from character_baker.backends.generation.base import encode_prompt
+    from character_baker.backends.generation.engine import EngineRequest
+
+    loaded = next(iter(bridge.weights.values()))
+    prompt = encode_prompt(loaded.tokenizer, HELLO)
+    blocked, release = threading.Event(), threading.Event()
+
+    def hold(token_id: int) -> None:
+        blocked.set()
+        release.wait(120)
+
+    holder = loaded.engine.submit(EngineRequest(prompt, max_new_tokens=2, on_token=hold))
+    assert blocked.wait(120), "the engine never started the holding request"
+    waiting = [loaded.engine.submit(EngineRequest(prompt, max_new_tokens=2)) for _ in range(queued)]
+    try:
+        yield
+    finally:
+        release.set()
+        for handle in [holder, *waiting]:
+            handle.wait(120)
+
+
+def test_health_reports_the_queue_and_the_loaded_models(tiny_model_dir):
     from fastapi.testclient import TestClient
 
-    bridge, app = one_slot_app
+    with tiny_app(tiny_model_dir, max_concurrency=3, max_queue=5) as (bridge, app), \
+            TestClient(app, base_url="http://127.0.0.1") as test_client:
+        health = test_client.get("/health").json()
+        assert health["status"] == "ok" and health["models"] == ["tiny"]
+        assert health["queue"] == {"running": 0, "waiting": 0}
+        assert health["bases"] == [{"base": Path(tiny_model_dir).name, "models": ["tiny"], "running": 0,
+                                    "waiting": 0, "max_concurrency": 3, "max_queue": 5}]
+        with engine_held(bridge, queued=2):
+            assert test_client.get("/health").json()["queue"] == {"running": 1, "waiting": 2}
+
+
+def test_a_full_queue_gets_429_with_retry_after_and_a_freed_row_serves_again(tiny_model_dir):
+    from fastapi.testclient import TestClient
+
     body = {"model": "tiny", "messages": HELLO, "max_tokens": 4}
-    with TestClient(app, base_url="http://127.0.0.1") as test_client:
-        assert test_client.get("/health").json() == {"status": "ok", "models": ["tiny"]}
-        assert bridge.slots.acquire(blocking=False)
-        try:
+    with tiny_app(tiny_model_dir, max_concurrency=1, max_queue=1) as (bridge, app), \
+            TestClient(app, base_url="http://127.0.0.1") as test_client:
+        with engine_held(bridge, queued=1):
             busy = test_client.post("/v1/chat/completions", json=body)
-        finally:
-            bridge.slots.release()
-        assert busy.status_code == 429 and busy.headers["Retry-After"] == "1"
-        assert "--max-concurrency" in busy.json()["error"]["message"]
-        assert test_client.post("/v1/chat/completions", json=body).status_code == 200
+            assert busy.status_code == 429 and int(busy.headers["Retry-After"]) >= 1
+            error = busy.json()["error"]
+            assert error["code"] == "queue_full" and error["type"] == "invalid_request_error"
+            assert "--max-queue" in error["message"]
+        answered = test_client.post("/v1/chat/completions", json=body)
+        assert answered.status_code == 200 and answered.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_a_request_that_waits_past_the_queue_timeout_gets_503_and_leaves_the_queue(tiny_model_dir):
+    from fastapi.testclient import TestClient
+
+    body = {"model": "tiny", "messages": HELLO, "max_tokens": 4}
+    with tiny_app(tiny_model_dir, max_concurrency=1, max_queue=4, queue_timeout=0.2) as (bridge, app), \
+            TestClient(app, base_url="http://127.0.0.1") as test_client:
+        with engine_held(bridge):
+            late = test_client.post("/v1/chat/completions", json={**body, "stream": True})
+            assert late.status_code == 503 and late.headers["Retry-After"] == "1"
+            assert late.json()["error"]["code"] == "queue_timeout" and "--queue-timeout" in late.text
+            assert bridge.health()["queue"]["waiting"] == 0
+
+
+def poll(condition, what: str, deadline_s: float = 120.0) -> None:
+    """Wait until `condition()` holds (a deadline only against hangs; nothing is timed)."""
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_frees_its_row(tiny_model_dir, monkeypatch, stream):
+    from character_baker.stages.serving.bridge import Generation
+
+    finished = []
+    on_finish = Generation._on_finish
+    monkeypatch.setattr(Generation, "_on_finish", lambda self, result: (finished.append(result), on_finish(self, result)))
+    with tiny_app(tiny_model_dir, max_concurrency=1, max_tokens=1500) as (bridge, app), app_in_thread(app) as url:
+        loaded = next(iter(bridge.weights.values()))
+        loaded.stop_ids = ()  # nothing ends this answer before 1500 tokens but the client leaving
+        body = json.dumps({"model": "tiny", "messages": HELLO, "max_tokens": 1500, "stream": stream}).encode()
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as connection:
+            connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                               b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            if stream:
+                assert connection.recv(4096).startswith(b"HTTP/1.1 200")
+            else:
+                poll(lambda: loaded.engine.stats().running == 1, "the request to start decoding")
+        poll(lambda: finished, "the request to finish")
+        assert finished[0].finish_reason == "cancelled" and len(finished[0].token_ids) < 1500
+        assert loaded.engine.stats().running == 0
+
+
+def test_the_body_limit_reads_nothing_past_the_limit():
+    import asyncio
+
+    from character_baker.stages.serving.security import BodySizeLimit
+
+    async def app(scope, receive, send):
+        raise AssertionError("an oversize body must not reach the app")
+
+    def run(headers: list[tuple[bytes, bytes]], chunks: int) -> tuple[int, int]:
+        """(status sent, body chunks read) for a request of `chunks` chunks of 1000 bytes."""
+        read, sent = [], []
+
+        async def receive():
+            read.append(1)
+            return {"type": "http.request", "body": b"x" * 1000, "more_body": len(read) < chunks}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "headers": headers}
+        asyncio.run(BodySizeLimit(app, max_bytes=2500)(scope, receive, send))
+        return sent[0]["status"], len(read)
+
+    assert run([(b"content-length", b"5000000")], 5000) == (413, 0)
+    assert run([], 5000) == (413, 3)  # chunked: stops at the chunk that passes 2500 bytes
 
 
 def test_incremental_decoding_matches_decoding_everything_at_once(tiny_tok):

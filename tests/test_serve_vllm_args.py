@@ -26,13 +26,14 @@ def fake_model(folder: Path) -> Path:
 
 
 def fake_run(root: Path, base: Path, *, adapter_config: dict | None = None, merged: bool = False,
-             constitution: Path | None = PIRATE, models: dict | None = None, persona_prompt: str = "full") -> Path:
+             constitution: Path | None = PIRATE, models: dict | None = None, persona_prompt: str = "full",
+             name: str = "pirate", character: str | None = None) -> Path:
     """A run directory with a manifest and, as asked, adapters/persona/ and/or model/."""
-    run = RunDir.create(root / "pirate")
+    run = RunDir.create(root / name)
     recipe = Recipe(models=ModelsConfig(base=str(base), **(models or {})),
                     generation={"persona_prompt": persona_prompt})
     run.update_manifest(recipe=recipe.model_dump(mode="json"),
-                        constitution={"name": "pirate", "path": str(constitution) if constitution else ""})
+                        constitution={"name": character or name, "path": str(constitution) if constitution else ""})
     if adapter_config is not None:
         run.path("adapters", "persona").mkdir(parents=True)
         run.path("adapters", "persona", "adapter_config.json").write_text(json.dumps(adapter_config))
@@ -57,11 +58,12 @@ def test_vllm_serves_the_merged_model_alone_while_transformers_prefers_the_adapt
     argv = vllm_argv(vllm_target, host="127.0.0.1", port=8000, max_concurrency=4)
     assert argv[:5] == ["vllm", "serve", str(run / "model"), "--served-model-name", "pirate"]
     assert "--enable-lora" not in argv
-    assert [pane.model for pane in vllm_target.panes] == ["pirate"]
+    assert [(c.pane.model, c.compare) for c in vllm_target.characters] == [("pirate", None)]
     hf_target = resolve_target(str(run), engine="transformers")
     assert [(model.id, model.weights, model.adapter) for model in hf_target.models] == [
         ("pirate", str(base), run / "adapters" / "persona"), ("SmolBase", str(base), None)]
-    assert hf_target.panes[1].model == "SmolBase" and "Captain Rook" in hf_target.panes[1].system_prompt
+    compare = hf_target.characters[0].compare
+    assert compare.model == "SmolBase" and "Captain Rook" in compare.system_prompt
 
 
 @pytest.mark.parametrize("style", ["full", "brief"])
@@ -70,7 +72,7 @@ def test_the_compare_pane_uses_the_persona_prompt_the_run_trained_with(tmp_path,
     from character_baker.core.system_prompts import persona_system_prompt
 
     run = fake_run(tmp_path / "runs", fake_model(tmp_path / "SmolBase"), adapter_config={"r": 8}, persona_prompt=style)
-    pane = resolve_target(str(run), engine="transformers").panes[1]
+    pane = resolve_target(str(run), engine="transformers").characters[0].compare
     assert pane.system_prompt == persona_system_prompt(load_constitution(PIRATE), style)
 
 
@@ -112,7 +114,7 @@ def test_a_missing_constitution_drops_the_base_pane_with_a_note(tmp_path):
     base = fake_model(tmp_path / "SmolBase")
     run = fake_run(tmp_path / "runs", base, adapter_config={"r": 8}, constitution=tmp_path / "gone.yaml")
     target = resolve_target(str(run), engine="transformers")
-    assert [pane.model for pane in target.panes] == ["pirate"]
+    assert [(c.pane.model, c.compare) for c in target.characters] == [("pirate", None)]
     assert any("gone.yaml" in note for note in target.notes)
 
 
@@ -141,3 +143,86 @@ def test_serve_refuses_clearly(tmp_path, monkeypatch, cli):
     assert code == 2 and "no baked model yet" in err
     code, _, err = cli("serve", str(unbaked), "--engine", "turbo")
     assert code == 2 and "unknown engine" in err
+
+
+def test_several_runs_on_one_base_become_one_vllm_process_with_every_lora(tmp_path):
+    base = fake_model(tmp_path / "SmolBase")
+    pirate = fake_run(tmp_path / "runs", base, adapter_config={"r": 8}, merged=True)
+    sarcastic = fake_run(tmp_path / "runs", base, adapter_config={"r": 48}, name="sarcastic")
+    for refs in ([str(pirate), str(sarcastic)], [str(tmp_path / "runs")]):  # the runs, or their folder
+        argv = vllm_argv(resolve_target(refs, engine="vllm"), host="127.0.0.1", port=8000, max_concurrency=256)
+        assert argv[:5] == ["vllm", "serve", str(base), "--served-model-name", "SmolBase"]
+        assert argv[argv.index("--max-num-seqs") + 1] == "256" and "--enable-lora" in argv
+        modules = argv[argv.index("--lora-modules") + 1:argv.index("--max-lora-rank")]
+        assert modules == [f"pirate={pirate / 'adapters' / 'persona'}", f"sarcastic={sarcastic / 'adapters' / 'persona'}"]
+        assert argv[argv.index("--max-lora-rank") + 1] == "64" and argv[argv.index("--max-loras") + 1] == "2"
+
+
+def test_vllm_refuses_runs_it_cannot_serve_from_one_base(tmp_path):
+    first, second = fake_model(tmp_path / "BaseA"), fake_model(tmp_path / "BaseB")
+    pirate = fake_run(tmp_path / "runs", first, adapter_config={"r": 8})
+    other_base = fake_run(tmp_path / "runs", second, adapter_config={"r": 8}, name="sarcastic")
+    merged_only = fake_run(tmp_path / "runs", first, merged=True, name="stoic")
+    for refs in ([pirate, other_base], [pirate, merged_only]):
+        target = resolve_target([str(ref) for ref in refs], engine="vllm")
+        with pytest.raises(UserError, match="one base model per process"):
+            vllm_argv(target, host="127.0.0.1", port=8000, max_concurrency=4)
+
+
+def test_transformers_serves_each_base_once_with_every_character_and_its_compare_pane(tmp_path):
+    first, second = fake_model(tmp_path / "BaseA"), fake_model(tmp_path / "BaseB")
+    pirate = fake_run(tmp_path / "runs", first, adapter_config={"r": 8})
+    sarcastic = fake_run(tmp_path / "runs", first, adapter_config={"r": 8}, name="sarcastic")
+    stoic = fake_run(tmp_path / "runs", second, merged=True, name="stoic")
+    target = resolve_target(str(tmp_path / "runs"), engine="transformers")
+    assert [(model.id, model.weights, model.adapter) for model in target.models] == [
+        ("pirate", str(first), pirate / "adapters" / "persona"),
+        ("sarcastic", str(first), sarcastic / "adapters" / "persona"),
+        ("stoic", str(stoic / "model"), None), ("BaseA", str(first), None), ("BaseB", str(second), None)]
+    assert [(c.pane.model, c.compare.model) for c in target.characters] == [
+        ("pirate", "BaseA"), ("sarcastic", "BaseA"), ("stoic", "BaseB")]
+
+
+def test_runs_sharing_a_constitution_name_are_served_under_their_folder_names(tmp_path):
+    base = fake_model(tmp_path / "SmolBase")
+    fake_run(tmp_path / "runs", base, adapter_config={"r": 8}, name="pirate-small", character="pirate")
+    fake_run(tmp_path / "runs", base, adapter_config={"r": 8}, name="pirate-paper", character="pirate")
+    fake_run(tmp_path / "runs", base, adapter_config={"r": 8}, name="sarcastic")
+    target = resolve_target([str(tmp_path / "runs")], engine="transformers")
+    assert [model.id for model in target.models] == ["pirate-paper", "pirate-small", "sarcastic", "SmolBase"]
+
+
+def test_serve_passes_every_run_to_vllm(tmp_path, monkeypatch, cli):
+    base = fake_model(tmp_path / "SmolBase")
+    fake_run(tmp_path / "runs", base, adapter_config={"r": 8})
+    fake_run(tmp_path / "runs", base, adapter_config={"r": 16}, name="sarcastic")
+    calls = []
+    monkeypatch.setattr(vllm_module, "vllm_installed", lambda: True)
+    monkeypatch.setattr(vllm_module, "vllm_executable", lambda: "/opt/vllm/bin/vllm")
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: calls.append(argv))
+    code, out, err = cli("serve", "pirate", "sarcastic", "--runs-root", str(tmp_path / "runs"),
+                         "--max-concurrency", "64")
+    assert code == 0, err
+    [argv] = calls
+    assert [module.split("=")[0] for module in argv[argv.index("--lora-modules") + 1:argv.index("--max-lora-rank")]] \
+        == ["pirate", "sarcastic"]
+    assert argv[argv.index("--max-num-seqs") + 1] == "64"
+
+
+def test_serve_hands_every_limit_to_the_transformers_server(tmp_path, monkeypatch, cli):
+    from character_baker.stages.serving import app as app_module
+
+    base = fake_model(tmp_path / "SmolBase")
+    fake_run(tmp_path / "runs", base, adapter_config={"r": 8})
+    fake_run(tmp_path / "runs", base, adapter_config={"r": 8}, name="sarcastic")
+    served = []
+    monkeypatch.setattr(app_module, "run_server", lambda target, settings: served.append((target, settings)))
+    code, out, err = cli("serve", str(tmp_path / "runs"), "--engine", "transformers", "--port", "8123",
+                         "--api-key", "k", "--max-tokens", "77", "--max-concurrency", "5", "--max-queue", "9",
+                         "--queue-timeout", "2.5", "--max-body-bytes", "4321")
+    assert code == 0, err
+    [(target, settings)] = served
+    assert [model.id for model in target.models] == ["pirate", "sarcastic", "SmolBase"]
+    assert (settings.port, settings.api_key, settings.max_tokens, settings.max_concurrency, settings.max_queue,
+            settings.queue_timeout, settings.max_body_bytes) == (8123, "k", 77, 5, 9, 2.5, 4321)
+    assert "serving pirate, sarcastic, SmolBase on http://127.0.0.1:8123/v1" in out

@@ -1,40 +1,47 @@
 """The OpenAI-compatible server on transformers: a FastAPI app factory and the uvicorn runner.
 
-    GET  /                      the chat page (two panes: the baked character vs the prompted base)
-    GET  /page/config           the page's panes, default max_tokens and temperature
-    GET  /health                {"status": "ok", "models": [...]}
-    GET  /v1/models             the served model ids (character first)
+    GET  /                      the chat page (a character picker; the character vs its prompted base)
+    GET  /page/config           the page's characters, default max_tokens and temperature
+    GET  /health                {"status": "ok", "models": [...], "queue": {...}, "bases": [...]}
+    GET  /v1/models             the served model ids (characters first)
     GET  /v1/models/{id}        one of them (404 otherwise)
     POST /v1/chat/completions   with or without "stream": true (server-sent events)
 
 Guards (see security.py): loopback Host only when bound to loopback, the API key on every
-route when set, a body-size limit; limits on max_tokens and concurrent generations (bridge.py).
-No OpenAPI or docs routes are served.
+route when set, a body-size limit; limits on max_tokens (bridge.py). Requests decode in batches
+(bridge.py); one that waits longer than `queue_timeout` for a row gets 503 with Retry-After.
+Response headers (and the first stream chunk) are sent once the request has its row, so a
+refusal is always a status code. A client that disconnects, streaming or not, cancels its
+request. No OpenAPI or docs routes are served.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from character_baker.stages.serving.bridge import Generation, GenerationBridge, PreparedChat
 from character_baker.stages.serving.schemas import (ApiError, chunk_body, completion_body, error_body, model_body,
                                                     new_completion_id, parse_chat_request, usage_body)
 from character_baker.stages.serving.security import ApiKeyGuard, BodySizeLimit, LoopbackHostGuard, is_loopback_host
-from character_baker.stages.serving.target import ServeTarget
+from character_baker.stages.serving.target import Pane, ServeTarget
 
 PAGE_MAX_TOKENS = 512
 PAGE_TEMPERATURE = 0.7
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client left first"; nobody reads it
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -45,7 +52,9 @@ class ServeSettings:
     port: int = 8000
     api_key: str | None = None
     max_tokens: int = 1024
-    max_concurrency: int = 4
+    max_concurrency: int = 32
+    max_queue: int = 256
+    queue_timeout: float = 60.0
     max_body_bytes: int = 1_000_000
 
 
@@ -65,9 +74,12 @@ def content_security_policy(html: str) -> str:
 
 
 def page_config(target: ServeTarget, settings: ServeSettings) -> dict[str, Any]:
-    """What the page needs: its panes (title, model, system prompt) and default sampling."""
-    return {"panes": [{"title": pane.title, "model": pane.model, "system_prompt": pane.system_prompt}
-                      for pane in target.panes],
+    """What the page needs: its characters (each one's pane and comparison pane) and default sampling."""
+    def pane(pane: Pane | None) -> dict[str, Any] | None:
+        return None if pane is None else {"title": pane.title, "model": pane.model, "system_prompt": pane.system_prompt}
+
+    return {"characters": [{"pane": pane(character.pane), "compare": pane(character.compare)}
+                           for character in target.characters],
             "max_tokens": min(settings.max_tokens, PAGE_MAX_TOKENS), "temperature": PAGE_TEMPERATURE}
 
 
@@ -135,7 +147,7 @@ def _add_routes(app: FastAPI, bridge: GenerationBridge, target: ServeTarget, set
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": bridge.model_ids()}
+        return bridge.health()
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -148,19 +160,49 @@ def _add_routes(app: FastAPI, bridge: GenerationBridge, target: ServeTarget, set
         return model_body(model_id, created)
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
+    async def chat_completions(request: Request) -> Response:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type != "application/json":
             raise ApiError(415, f"send the body as JSON with Content-Type: application/json (got {content_type!r})",
                            code="unsupported_media_type")
         chat = parse_chat_request(await request.body())
         prepared = bridge.prepare(chat)
-        generation = bridge.start(prepared)
+        generation = bridge.start(prepared, stream=chat.stream)
+        started = await until_done_or_gone(request, generation.wait_started(settings.queue_timeout), generation)
+        if started is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        if not started:
+            raise ApiError(503, f"no decoding row came free within {settings.queue_timeout:g} s "
+                           "(serve --queue-timeout); retry later", code="queue_timeout",
+                           headers={"Retry-After": str(max(1, math.ceil(settings.queue_timeout / 2)))})
         if not chat.stream:
-            return JSONResponse(await complete(generation, prepared))
+            body = await until_done_or_gone(request, complete(generation, prepared), generation)
+            return JSONResponse(body) if body is not None else Response(status_code=CLIENT_CLOSED_REQUEST)
         include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
         return StreamingResponse(stream_chunks(generation, prepared, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone (the body is already read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_done_or_gone(request: Request, work: Awaitable[T], generation: Generation) -> T | None:
+    """The result of `work`, or None with the generation cancelled if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    generation.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return None
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -180,7 +222,11 @@ def run_server(target: ServeTarget, settings: ServeSettings) -> None:
     """Load the target's weights and serve them with uvicorn until interrupted."""
     import uvicorn
 
-    bridge = GenerationBridge.load(target, max_concurrency=settings.max_concurrency, max_tokens=settings.max_tokens)
+    bridge = GenerationBridge.load(target, max_concurrency=settings.max_concurrency, max_queue=settings.max_queue,
+                                   max_tokens=settings.max_tokens)
     app = create_app(bridge, target, settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", server_header=False,
-                timeout_graceful_shutdown=5)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", server_header=False,
+                    timeout_graceful_shutdown=5)
+    finally:
+        bridge.close()

@@ -1,19 +1,26 @@
-"""Generation for the transformers server: served ids -> loaded weights, limits, token streaming.
+"""Generation for the transformers server: served ids -> loaded bases and their batching engines.
 
-    bridge = GenerationBridge.load(target, max_concurrency=4, max_tokens=1024)
-    prepared = bridge.prepare(chat_request)        # ApiError 404/400: unknown model, limits, context
-    generation = bridge.start(prepared)            # ApiError 429 when every slot is busy
-    async for event in generation.events(): ...    # text deltas, then one event with finish_reason
+    bridge = GenerationBridge.load(target, max_concurrency=32, max_queue=256, max_tokens=1024)
+    prepared = bridge.prepare(chat_request)      # ApiError 404/400: unknown model, limits, context
+    generation = bridge.start(prepared)          # ApiError 429 + Retry-After when the queue is full
+    await generation.wait_started(timeout)       # False (and cancelled) when no slot came free in time
+    async for event in generation.events(): ...  # text deltas, then one event with finish_reason
+    bridge.health(); bridge.close()
 
-- Weights are loaded once per distinct reference; a served id with an adapter is that adapter
-  switched on, an id without one runs with every adapter disabled (never a second copy).
-- One generation runs on a set of weights at a time (a lock: adapters are switched per request,
-  which is model-wide state); `max_concurrency` slots bound the generations admitted (running or
-  waiting for the lock); a request beyond that gets 429 with Retry-After. Batching concurrent
-  requests is what the vLLM engine is for.
-- Streaming: `model.generate` runs in a worker thread with a streamer that pushes each new token
-  onto the event loop; text is decoded incrementally, holding back a partial UTF-8 character.
-  A client that disconnects cancels its generation at the next token (a stopping criterion).
+- Weights: each distinct base is loaded once, with every run's persona adapter attached to it under
+  a numbered PEFT name; a served id is (base, adapter or None = every adapter off). Never a second
+  copy of a base.
+- Batching: each base has one continuous-batching engine (backends/generation/engine.py) on its
+  own thread: `max_concurrency` rows decode together, any mix of characters and the plain base in
+  one forward; a request that finds every row busy waits in the engine's queue (at most
+  `max_queue` of them); beyond that, 429 with a Retry-After estimated from the recent completion
+  rate. A request waits at most the caller's timeout for its row (app.py answers 503 after it).
+- Streaming: the engine calls back per token on its thread; text is decoded incrementally (a
+  partial UTF-8 character waits for its next byte) and handed to the event loop through one
+  LoopRelay, one wake-up of the loop per engine step for all of that step's tokens. Text deltas
+  waiting in a generation's queue are joined into one when the reader comes for them.
+- Cancellation: leaving `events()` early (a client that disconnects) cancels the request, whose
+  row is freed at the engine's next step; a waiting request leaves the queue at once.
 - `max_tokens` above the server's limit, or beyond the model's context, is a 400; when a request
   omits it, the answer may use the limit (or what is left of the context).
 """
@@ -21,28 +28,32 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
+import math
 import threading
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable
 
 from character_baker.backends.generation.base import encode_prompt
-from character_baker.backends.generation.hf import adapter_enabled, is_peft_model, stop_token_ids
+from character_baker.backends.generation.engine import BatchEngine, EngineRequest, EngineResult, QueueFull
+from character_baker.backends.generation.hf import is_peft_model, stop_token_ids
 from character_baker.core.config import ModelsConfig
 from character_baker.core.errors import UserError
 from character_baker.stages.serving.schemas import ApiError, ChatRequest
-from character_baker.stages.serving.target import ServeTarget
+from character_baker.stages.serving.target import ServeTarget, reference_id
+
+MAX_RETRY_AFTER_S = 60
 
 
 @dataclass
 class LoadedWeights:
-    """One loaded model (maybe a PEFT model holding adapters), its tokenizer and its lock."""
+    """One loaded model (maybe a PEFT model holding adapters), its tokenizer, and the engine decoding it."""
 
     model: Any
     tokenizer: Any
     stop_ids: tuple[int, ...]
     context_length: int | None
-    lock: threading.Lock
+    engine: BatchEngine
 
 
 @dataclass(frozen=True)
@@ -100,58 +111,109 @@ class IncrementalDecoder:
         return delta
 
 
-def _load_weights(weights: str, adapters: dict[str, Any], models_config: ModelsConfig) -> LoadedWeights:
-    """Load one model reference and attach each adapter under its name."""
+def _load_weights(weights: str, adapters: dict[str, Any], models_config: ModelsConfig) -> tuple[Any, Any]:
+    """Load one model reference and attach each adapter under its name: (model, tokenizer)."""
     from peft import PeftModel
 
     from character_baker.backends.models import load_model
 
     model, tokenizer = load_model(weights, models_config)
-    context_length = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    stop_ids = stop_token_ids(tokenizer, model)
     for name, path in adapters.items():
         try:
             if is_peft_model(model):
                 model.load_adapter(str(path), adapter_name=name)
             else:
-                model = PeftModel.from_pretrained(model, str(path), adapter_name=name).eval()
+                model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
         except Exception as error:  # noqa: BLE001 - PEFT raises many kinds; the user gets one message
             raise UserError.single(str(path), "adapter", f"could not load this LoRA adapter onto {weights} "
                                    f"({type(error).__name__}: {error})",
                                    "check it is a PEFT adapter folder trained on that base model") from None
-    return LoadedWeights(model=model, tokenizer=tokenizer, stop_ids=stop_ids, context_length=context_length,
-                         lock=threading.Lock())
+    return model.eval(), tokenizer
+
+
+class LoopRelay:
+    """Hands callbacks from decode threads to event loops: everything posted since the last flush, in one wake-up."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[asyncio.AbstractEventLoop, Callable[..., None], tuple]] = []
+        self._lock = threading.Lock()
+
+    def post(self, loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
+        """Queue `callback(*args)` to run on `loop` at the next flush."""
+        with self._lock:
+            self._pending.append((loop, callback, args))
+
+    def flush(self) -> None:
+        """Schedule everything posted so far, in order, one call_soon_threadsafe per loop."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+            by_loop: dict[asyncio.AbstractEventLoop, list] = collections.defaultdict(list)
+            for loop, callback, args in pending:
+                by_loop[loop].append((callback, args))
+            for loop, calls in by_loop.items():
+                try:
+                    loop.call_soon_threadsafe(_run_calls, calls)
+                except RuntimeError:  # that loop has closed (server shutting down): nobody is listening
+                    pass
+
+
+def _run_calls(calls: list[tuple[Callable[..., None], tuple]]) -> None:
+    for callback, args in calls:
+        callback(*args)
+
+
+def _served_names(target: ServeTarget) -> tuple[dict[str, dict[str, Any]], dict[str, tuple[str, str | None]]]:
+    """(weights -> {adapter name: adapter folder}, model id -> (weights, adapter name or None))."""
+    adapters: dict[str, dict[str, Any]] = {}
+    served: dict[str, tuple[str, str | None]] = {}
+    for number, model in enumerate(target.models):
+        adapters.setdefault(model.weights, {})
+        # PEFT adapter names become module keys (no '.' or '/'), so they are numbered, not the ids.
+        adapter_name = f"served_{number}" if model.adapter is not None else None
+        if adapter_name is not None:
+            adapters[model.weights][adapter_name] = model.adapter
+        served[model.id] = (model.weights, adapter_name)
+    return adapters, served
 
 
 class GenerationBridge:
-    """Served model ids -> loaded weights; admission, limits and streaming generation."""
+    """Served model ids -> loaded bases and engines; admission, limits and streaming generation."""
 
     def __init__(self, weights: dict[str, LoadedWeights], served: dict[str, tuple[str, str | None]], *,
-                 max_concurrency: int, max_tokens: int):
+                 max_tokens: int, relay: LoopRelay):
         self.weights = weights
         self.served = served  # model id -> (weights reference, adapter name or None)
         self.max_tokens = max_tokens
-        self.max_concurrency = max_concurrency
-        self.slots = threading.BoundedSemaphore(max_concurrency)
+        self.relay = relay
 
     @classmethod
-    def load(cls, target: ServeTarget, *, max_concurrency: int, max_tokens: int) -> "GenerationBridge":
-        """Load every distinct set of weights of `target` once, with its adapters."""
-        adapters: dict[str, dict[str, Any]] = {}
-        served: dict[str, tuple[str, str | None]] = {}
-        for number, model in enumerate(target.models):
-            adapters.setdefault(model.weights, {})
-            # PEFT adapter names become module keys (no '.' or '/'), so they are numbered, not the ids.
-            adapter_name = f"served_{number}" if model.adapter is not None else None
-            if adapter_name is not None:
-                adapters[model.weights][adapter_name] = model.adapter
-            served[model.id] = (model.weights, adapter_name)
-        weights = {ref: _load_weights(ref, named, target.models_config) for ref, named in adapters.items()}
-        return cls(weights, served, max_concurrency=max_concurrency, max_tokens=max_tokens)
+    def load(cls, target: ServeTarget, *, max_concurrency: int, max_queue: int, max_tokens: int) -> "GenerationBridge":
+        """Load every distinct base of `target` once with its adapters, and start one engine per base."""
+        adapters, served = _served_names(target)
+        relay = LoopRelay()
+        weights = {}
+        for reference, named in adapters.items():
+            model, tokenizer = _load_weights(reference, named, target.models_config)
+            weights[reference] = _with_engine(reference, model, tokenizer, relay, max_concurrency, max_queue)
+        return cls(weights, served, max_tokens=max_tokens, relay=relay)
 
     def model_ids(self) -> list[str]:
-        """The ids clients may name, character first."""
+        """The ids clients may name, characters first."""
         return list(self.served)
+
+    def health(self) -> dict[str, Any]:
+        """Loaded models with their queue depth and running rows, per base and in total."""
+        bases = []
+        for reference, loaded in self.weights.items():
+            stats = loaded.engine.stats()
+            bases.append({"base": reference_id(reference),
+                          "models": [model for model, (ref, _) in self.served.items() if ref == reference],
+                          "running": stats.running, "waiting": stats.waiting, "max_concurrency": stats.max_batch,
+                          "max_queue": stats.max_queue})
+        return {"status": "ok", "models": self.model_ids(),
+                "queue": {"running": sum(base["running"] for base in bases),
+                          "waiting": sum(base["waiting"] for base in bases)},
+                "bases": bases}
 
     def prepare(self, request: ChatRequest) -> PreparedChat:
         """Check the model id and token limits, and tokenise; ApiError 404/400 otherwise."""
@@ -185,122 +247,121 @@ class GenerationBridge:
                            code="context_length_exceeded", param="messages")
         return min(wanted, room)
 
-    def start(self, prepared: PreparedChat) -> "Generation":
-        """Admit the request (ApiError 429 when every slot is busy) and start generating."""
-        if not self.slots.acquire(blocking=False):
-            raise ApiError(429, f"all {self.max_concurrency} generation slots are busy (serve --max-concurrency); "
-                           "retry shortly", code="too_many_requests", headers={"Retry-After": "1"})
+    def start(self, prepared: PreparedChat, *, stream: bool = True) -> "Generation":
+        """Queue the request on its base's engine (ApiError 429 with Retry-After when the queue is full).
+
+        `stream=False` hands the text over once, at the end, instead of per token.
+        """
+        loaded = self.weights[prepared.weights]
         try:
-            return Generation(self.weights[prepared.weights], prepared, release=self.slots.release)
-        except BaseException:
-            self.slots.release()
-            raise
+            return Generation(loaded, prepared, self.relay, stream=stream)
+        except QueueFull as full:
+            raise ApiError(429, f"the server is busy: {full.running} requests decoding and {full.waiting} waiting "
+                           "for this model, the most it queues (serve --max-concurrency, --max-queue); retry later",
+                           code="queue_full", headers={"Retry-After": str(retry_after_s(loaded.engine))}) from None
+
+    def close(self) -> None:
+        """Stop every engine; requests still queued or running finish as cancelled."""
+        for loaded in self.weights.values():
+            loaded.engine.close()
+        self.relay.flush()
+
+
+def _with_engine(reference: str, model: Any, tokenizer: Any, relay: LoopRelay, max_concurrency: int,
+                 max_queue: int) -> LoadedWeights:
+    """The loaded weights with a started engine (UserError for a model the engine cannot batch)."""
+    stop_ids = stop_token_ids(tokenizer, model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    try:
+        engine = BatchEngine(model, pad_id=pad_id, max_batch=max_concurrency, max_queue=max_queue,
+                             on_step=relay.flush, name=f"decode-{reference_id(reference)}")
+    except ValueError as error:
+        raise UserError.single(reference, "models.attn_implementation", f"the transformers server cannot batch this "
+                               f"model: {error}", "set models.attn_implementation to 'sdpa' in the run's recipe, "
+                               "or serve it with --engine vllm") from None
+    engine.start()
+    return LoadedWeights(model=model, tokenizer=tokenizer, stop_ids=stop_ids, context_length=engine.context_length,
+                         engine=engine)
+
+
+def retry_after_s(engine: BatchEngine) -> int:
+    """Seconds until a queued request would likely get a row: queue depth / recent completion rate (1..60)."""
+    stats = engine.stats()
+    if stats.finishes_per_s <= 0:
+        return 1
+    return max(1, min(MAX_RETRY_AFTER_S, math.ceil((stats.waiting + 1) / stats.finishes_per_s)))
 
 
 class Generation:
-    """One running generation: a worker thread feeding events to the event loop."""
+    """One request in an engine, seen from the event loop: started, then text events, then the final event."""
 
-    def __init__(self, loaded: LoadedWeights, prepared: PreparedChat, release: Callable[[], None]):
-        self.loaded, self.prepared, self.release = loaded, prepared, release
+    def __init__(self, loaded: LoadedWeights, prepared: PreparedChat, relay: LoopRelay, *, stream: bool = True):
+        self.prepared, self.relay, self.stream = prepared, relay, stream
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[GenerationEvent | None] = asyncio.Queue()
-        self.cancelled = threading.Event()
-        threading.Thread(target=self._run, name=f"generate-{prepared.model_id}", daemon=True).start()
+        self.queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+        self.started = asyncio.Event()
+        self.finished = False
+        self.decoder = IncrementalDecoder(loaded.tokenizer, loaded.stop_ids)
+        self.held: list[str] = []  # text of a request that does not stream, handed over at the end
+        self.handle = loaded.engine.submit(EngineRequest(
+            prompt_ids=prepared.prompt_ids, max_new_tokens=prepared.max_new_tokens,
+            stop_ids=frozenset(loaded.stop_ids), temperature=prepared.temperature, top_p=prepared.top_p,
+            seed=prepared.seed, adapter=prepared.adapter, on_start=self._on_start, on_token=self._on_token,
+            on_finish=self._on_finish))
+
+    # decode-thread side
+    def _on_start(self) -> None:
+        self.relay.post(self.loop, self.started.set)
+
+    def _on_token(self, token_id: int) -> None:
+        text = self.decoder.push(token_id)
+        if text and self.stream:
+            self.relay.post(self.loop, self.queue.put_nowait, GenerationEvent(text=text))
+        elif text:
+            self.held.append(text)
+
+    def _on_finish(self, result: EngineResult) -> None:
+        tail = "".join(self.held) + self.decoder.flush()
+        if tail:
+            self.relay.post(self.loop, self.queue.put_nowait, GenerationEvent(text=tail))
+        if result.finish_reason == "error":
+            final = GenerationEvent(error=f"generation failed: {result.error}")
+        else:
+            final = GenerationEvent(finish_reason="stop" if result.finish_reason == "stop" else "length",
+                                    completion_tokens=result.completion_tokens)
+        self.relay.post(self.loop, self.queue.put_nowait, final)
+        self.relay.post(self.loop, self.started.set)  # a request that ends unstarted wakes its waiter too
+
+    # event-loop side
+    async def wait_started(self, timeout: float) -> bool:
+        """Wait until the request has a row (or has ended); False, with the request cancelled, after `timeout`."""
+        try:
+            await asyncio.wait_for(self.started.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            self.cancel()
+            return False
 
     async def events(self) -> AsyncIterator[GenerationEvent]:
-        """Text deltas as they are decoded, then the final event; leaving early cancels the generation."""
+        """Text deltas as they are decoded (queued ones joined), then the final event; leaving early cancels."""
         try:
-            while (event := await self.queue.get()) is not None:
-                yield event
+            while True:
+                batch = [await self.queue.get()]
+                while not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                text = "".join(event.text for event in batch)
+                final = next((event for event in batch if event.finish_reason or event.error), None)
+                if text:
+                    yield GenerationEvent(text=text)
+                if final is not None:
+                    self.finished = True
+                    yield final
+                    return
         finally:
-            self.cancelled.set()
+            if not self.finished:
+                self.cancel()
 
-    def _emit(self, event: GenerationEvent | None) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # the event loop closed (server shutting down): nobody is listening
-            self.cancelled.set()
-
-    def _run(self) -> None:
-        try:
-            with self.loaded.lock:
-                if not self.cancelled.is_set():
-                    self._generate()
-        except Exception as error:  # noqa: BLE001 - reported to the client, never a traceback
-            self._emit(GenerationEvent(error=f"generation failed: {type(error).__name__}: {error}"))
-        finally:
-            self.release()
-            self._emit(None)
-
-    def _generate(self) -> None:
-        """Run model.generate with a token streamer; emit deltas and the final event."""
-        import torch
-
-        model, prepared = self.loaded.model, self.prepared
-        decoder = IncrementalDecoder(self.loaded.tokenizer, self.loaded.stop_ids)
-        device = model.get_input_embeddings().weight.device
-        input_ids = torch.tensor([prepared.prompt_ids], dtype=torch.long, device=device)
-        streamer = _TokenStreamer(lambda token_id: self._emit_text(decoder.push(token_id)))
-        with adapter_enabled(model, prepared.adapter), torch.inference_mode(), _seeded(prepared.seed, device):
-            model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                           stopping_criteria=_cancel_criteria(self.cancelled), **self._sampling_options())
-        self._emit_text(decoder.flush())
-        self._emit(GenerationEvent(finish_reason="stop" if decoder.stopped else "length",
-                                   completion_tokens=decoder.token_count))
-
-    def _emit_text(self, text: str) -> None:
-        if text:
-            self._emit(GenerationEvent(text=text))
-
-    def _sampling_options(self) -> dict[str, Any]:
-        prepared, tokenizer = self.prepared, self.loaded.tokenizer
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.loaded.stop_ids[0]
-        options: dict[str, Any] = dict(max_new_tokens=prepared.max_new_tokens, eos_token_id=list(self.loaded.stop_ids),
-                                       pad_token_id=pad_id, do_sample=prepared.temperature > 0)
-        if prepared.temperature > 0:
-            options.update(temperature=prepared.temperature, top_p=prepared.top_p, top_k=0)
-        return options
-
-
-class _TokenStreamer:
-    """A `generate` streamer: skips the prompt, hands each new token id to `on_token`."""
-
-    def __init__(self, on_token: Callable[[int], None]):
-        self.on_token = on_token
-        self.prompt_seen = False
-
-    def put(self, value: Any) -> None:
-        """Called by generate with the prompt first, then with each step's new token."""
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        for token_id in value.reshape(-1).tolist():
-            self.on_token(int(token_id))
-
-    def end(self) -> None:
-        """Called by generate when it finishes."""
-
-
-def _cancel_criteria(cancelled: threading.Event) -> Any:
-    """A stopping criterion that ends generation once `cancelled` is set (client gone)."""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class Cancelled(StoppingCriteria):
-        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-            return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
-
-    return StoppingCriteriaList([Cancelled()])
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None, device: Any) -> Iterator[None]:
-    """Sample from a generator seeded with `seed` (None = unseeded), restoring the global RNG after."""
-    import torch
-
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
+    def cancel(self) -> None:
+        """Cancel the request (it leaves the queue now, or its row is freed at the next step)."""
+        self.handle.cancel()
+        self.relay.flush()

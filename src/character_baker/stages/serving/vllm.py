@@ -3,10 +3,13 @@
     argv = vllm_argv(target, host="127.0.0.1", port=8000, max_concurrency=4)
     exec_vllm(argv, api_key)       # replaces this process with `vllm serve ...`
 
-- Merged model: `vllm serve RUN/model --served-model-name NAME`.
-- Base + persona LoRA: `vllm serve BASE --served-model-name BASE_ID --enable-lora
-  --lora-modules NAME=RUN/adapters/persona --max-lora-rank R`, with R the adapter's rank from
-  adapter_config.json (largest of `r` and `rank_pattern`), rounded up to a rank vLLM accepts.
+- Merged model (one run): `vllm serve RUN/model --served-model-name NAME`.
+- Base + persona LoRAs (one run, or several on one base): `vllm serve BASE --served-model-name
+  BASE_ID --enable-lora --lora-modules NAME=RUN/adapters/persona ... --max-lora-rank R
+  [--max-loras N]`, every run's adapter under its character's name, R the largest adapter rank
+  from the adapter_config.json files (largest of `r` and `rank_pattern`) rounded up to a rank
+  vLLM accepts, N the number of adapters when there are several (all may be in one batch).
+  Runs on different bases cannot share a vLLM process: that is a UserError naming them.
 - `--max-concurrency` becomes `--max-num-seqs` (sequences decoded at once; the rest queue).
 - The API key travels in the environment (VLLM_API_KEY), never on the command line where
   other users could read it in the process list. vLLM checks it only on its /v1 routes.
@@ -46,10 +49,16 @@ def adapter_rank(adapter: Path) -> int:
 
 
 def _served_weights(target: ServeTarget) -> ServedModel:
-    """The one model of the target served without an adapter (vLLM serves one set of weights)."""
+    """The one model of the target served without an adapter (vLLM serves one set of weights per process)."""
     plain = [model for model in target.models if model.adapter is None]
-    if len({model.weights for model in target.models}) != 1 or len(plain) != 1:
-        raise ValueError("vLLM serves one set of weights per process: resolve the target with engine='vllm'")
+    weights = {model.weights for model in target.models}
+    if len(weights) != 1 or len(plain) != 1:
+        served = "; ".join(f"{model.id}: {model.weights}" + (f" + {model.adapter}" if model.adapter else "")
+                           for model in target.models)
+        raise UserError.single("serve", "--engine vllm", "vLLM serves one base model per process, with LoRA "
+                               f"adapters on it; these need {len(weights)} sets of weights ({served})",
+                               "serve runs that share one base and have adapters/persona/ (one process per base), "
+                               "or use --engine transformers, which loads each base once")
     return plain[0]
 
 
