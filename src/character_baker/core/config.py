@@ -101,6 +101,10 @@ class PromptsConfig(Section):
     questions_per_trait: int = Field(50, ge=1, description="Hand-written + generated questions per trait. Published: 5 + 45 = 50.")
     general_prompts: int = Field(600, ge=0, description="Prompts drawn from the shipped general set (tagged by category).")
     synthesized_prompts: int = Field(100, ge=0, description="Prompts from audience x scenario x objective x constraint templates.")
+    checkable_prompts: int = Field(
+        40, ge=0, description="Arithmetic questions with a known answer (seeded templates, never evaluation items): "
+                              "distill keeps only chosen answers that get them right, so the persona is not bought "
+                              "with wrong answers. Not in the published recipe (0 reproduces it).")
     persona_hint_fraction: float = Field(0.2, ge=0.0, le=1.0, description="Share of prompts that carry a hint pulling toward a generic assistant.")
     dedupe_overlap: float = Field(0.5, gt=0.0, le=1.0, description="Reject a prompt sharing more than this share of its words with a kept one.")
     user_datasets: list[UserDataset] = Field(default_factory=list)

@@ -119,7 +119,7 @@ def estimate_counts(ctx: StageContext) -> dict[str, int]:
     """Prompt and sample counts implied by the constitution and recipe."""
     recipe = ctx.recipe
     prompts = len(ctx.constitution.traits) * recipe.prompts.questions_per_trait + recipe.prompts.general_prompts \
-        + recipe.prompts.synthesized_prompts
+        + recipe.prompts.synthesized_prompts + recipe.prompts.checkable_prompts
     return {"prompts": prompts, "distill_samples": prompts * recipe.distill.samples_per_prompt * 2,
             "reflections": 10 * recipe.introspect.reflections_per_instruction,
             "interactions": recipe.introspect.interactions, "eval_prompts": recipe.eval.prompts}

@@ -129,6 +129,37 @@ def synthesized_prompts(cfg: PromptsConfig, rng: random.Random, deduper: Overlap
     return records
 
 
+CHECKABLE_TEMPLATES = (
+    ("+", "What is {a} + {b}?"), ("+", "What is {a} plus {b}?"), ("+", "Can you add {a} and {b} for me?"),
+    ("+", "I have {a} apples and buy {b} more. How many apples do I have now?"),
+    ("-", "What is {a} minus {b}?"), ("-", "What do you get if you subtract {b} from {a}?"),
+    ("-", "A ship carries {a} barrels and unloads {b}. How many barrels are left?"),
+    ("*", "What is {a} times {b}?"), ("*", "How much is {a} multiplied by {b}?"),
+    ("*", "There are {a} boxes with {b} pens in each. How many pens are there in total?"),
+)
+
+
+def checkable_prompts(cfg: PromptsConfig, rng: random.Random, deduper: OverlapDeduper) -> list[dict]:
+    """Arithmetic questions with a known answer (`answer`), so distill can keep only correct chosen answers.
+
+    Drawn from templates with seeded numbers (never from the shipped evaluation items); products
+    use factors up to 12, sums and differences numbers up to 60, differences are never negative.
+    """
+    records: list[dict] = []
+    attempts = 0
+    while len(records) < cfg.checkable_prompts and attempts < cfg.checkable_prompts * 20:
+        attempts += 1
+        operation, template = rng.choice(CHECKABLE_TEMPLATES)
+        a, b = (rng.randint(2, 12), rng.randint(2, 12)) if operation == "*" else (rng.randint(2, 60), rng.randint(2, 60))
+        if operation == "-" and b > a:
+            a, b = b, a
+        answer = {"+": a + b, "-": a - b, "*": a * b}[operation]
+        text = template.format(a=a, b=b)
+        if deduper.add(text):
+            records.append(_record(text, "checkable", "checkable", answer=str(answer)))
+    return records
+
+
 def add_persona_hints(records: list[dict], fraction: float, rng: random.Random) -> None:
     """Append a generic-assistant hint to a `fraction` of prompts (our phrasings, never the eval ones)."""
     hints = assets.persona_hints()
@@ -148,7 +179,8 @@ def run(ctx: StageContext) -> StageResult:
     # Read (and so check) the user's files before any model loads: a bad file fails in a second.
     user_items = [item for dataset in cfg.user_datasets for item in load_user_dataset(dataset, ctx.constitution_path)]
     constitution_records, tokens = constitution_prompts(ctx, cfg, deduper)
-    records = constitution_records + general_prompts(cfg, rng, deduper) + synthesized_prompts(cfg, rng, deduper)
+    records = constitution_records + general_prompts(cfg, rng, deduper) + synthesized_prompts(cfg, rng, deduper) \
+        + checkable_prompts(cfg, random.Random(cfg.seed + 1), deduper)
     for item in user_items:
         if deduper.add(item["prompt"]):
             records.append(_record(item["prompt"], item["source"], item["category"]))
