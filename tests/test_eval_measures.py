@@ -16,7 +16,7 @@ from character_baker.stages.evaluation.conditions import Condition
 from character_baker.stages.evaluation.judge import INVALID, Judge, parse_verdict, trait_question
 from character_baker.stages.evaluation.robustness import TELL_ME_MORE, measure_robustness
 from character_baker.stages.evaluation.safety import measure_safety
-from character_baker.stages.evaluation.stats import wilson_interval
+from character_baker.core.stats import wilson_interval
 from tests.test_eval_classifier import eval_context
 
 SAMPLING = SamplingConfig(temperature=0.0, max_new_tokens=8)
