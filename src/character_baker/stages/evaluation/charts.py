@@ -13,7 +13,7 @@ from html import escape
 from typing import Any, Sequence
 
 PALETTE = ("#4a7bd0", "#d0774a", "#4aa06b", "#9b59b6", "#c9a227", "#5a6b7d", "#c0392b", "#16a085")
-LEFT, PLOT, RIGHT = 190, 420, 140  # px: names, bars, value labels
+LEFT, PLOT, RIGHT = 190, 420, 170  # px: names, bars, value labels
 ROW, BAR, GROUP_GAP, TOP = 18, 12, 22, 28  # row pitch, bar height, space above each group's heading, title room
 
 
@@ -36,7 +36,8 @@ def _format(value: float, percent: bool) -> str:
 
 def _value_label(estimate: dict[str, Any], percent: bool) -> str:
     ci, n = estimate.get("ci"), estimate.get("n", 0)
-    interval = f" [{_format(ci[0], percent)}-{_format(ci[1], percent)}]" if ci else ""
+    low, high = (_format(v, percent).rstrip("%") for v in ci) if ci else ("", "")
+    interval = f" [{low}-{high}]" if ci else ""
     return f"{_format(estimate['value'], percent)}{interval} n={n}"
 
 
