@@ -48,7 +48,7 @@ def _print_summary(ctx, outcomes) -> None:
     if report.is_file():
         console.print(f"report: {report}", markup=False)
     for line in headline_numbers(ctx):
-        console.print(line, markup=False)
+        console.print(line, markup=False, soft_wrap=True)
 
 
 def headline_numbers(ctx) -> list[str]:
