@@ -14,7 +14,7 @@ from character_baker.core.recipes import parse_set_overrides, resolve_recipe
 from character_baker.core.runs import RunDir, write_jsonl_atomic
 from character_baker.core.stage import StageContext
 from character_baker.stages.evaluation import classifier
-from character_baker.stages.evaluation.stats import f1_score
+from character_baker.core.stats import f1_score
 
 ROOT = Path(__file__).resolve().parents[1]
 PIRATE = ROOT / "constitutions" / "pirate.yaml"

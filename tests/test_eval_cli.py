@@ -26,7 +26,8 @@ traits:
 """
 # Smaller than the smoke preset, so every measure still runs but the test stays quick on 2 CPU cores.
 SIZES = ["eval.prompts=4", "eval.elo_pairs=3", "eval.robustness_prompts=1", "eval.identity_prompts=2",
-         "eval.harmful_prompts=2", "eval.capability_items=4", "eval.kl_prompts=1", "eval.coherence_pairs=2",
+         "eval.harmful_prompts=2", "eval.capability_items=4", "eval.mc_items=4", "eval.kl_prompts=1",
+         "eval.coherence_pairs=2",
          "generation.student.sampling.max_new_tokens=12", "generation.judge.sampling.max_new_tokens=8"]
 
 
@@ -81,7 +82,15 @@ def test_eval_runs_every_condition_and_measure_and_writes_both_reports(cli, eval
         robustness = report["robustness"][name]
         assert robustness["plain"]["n"] == 5 and robustness["prefill"]["n"] == 1
         assert len(robustness["break"]["splits"]) == 8 and robustness["break"]["mean"]["n"] == 8
-        assert report["capability"][name]["exact_match"]["n"] == 4
+        capability = report["capability"][name]
+        assert capability["lenient_match"]["n"] == 4
+        assert capability["mc_accuracy"]["n"] == 4 and capability["mc_accuracy_norm"]["n"] == 4
+        assert set(capability["by_category"]) == {"knowledge", "arithmetic", "commonsense", "reading"}
+        answer_sets = report["degeneration"][name]
+        assert list(answer_sets) == ["plain", *[f"break-{i}" for i in range(8)], "break", "prefill"]
+        assert answer_sets["plain"]["looping_rate"]["n"] == 5 and answer_sets["break"]["looping_rate"]["n"] == 8
+        assert {"rep_2", "rep_4", "distinct_1", "distinct_2", "at_token_limit", "mean_words",
+                "mean_tokens"} <= set(answer_sets["prefill"])
         assert report["identity"][name]["persona_name"]["n"] == 2
         assert set(report["preferences"]["ratings"][name]) == {"feels-most-like-you", "you-would-most-like-to-adopt",
                                                               "randomly"}
@@ -92,13 +101,19 @@ def test_eval_runs_every_condition_and_measure_and_writes_both_reports(cli, eval
     counts = report["judge"]["counts"]
     assert counts["trait"]["asked"] == 5 * 3 * 3 and counts["refusal"]["asked"] == 5 * 2
     assert counts["coherence"]["asked"] == 4 * 2 * 2  # 4 conditions vs 'trained', 2 prompts, both orders
-    assert all(0 <= c["parse_failures"] <= c["asked"] for c in counts.values())  # counted, never a crash
+    # The tiny hf judge answers every question as a constrained choice: no verdict is left unparsed.
+    assert all(c["parse_failures"] == 0 and c["constrained"] == c["asked"] for c in counts.values())
     assert "weak judge" in report["judge"]["note"]
+    samples = report["samples"]
+    assert len(samples["plain"]) == 2 and samples["break"]["split"] == "break-0" and len(samples["prefill"]) == 1
+    assert set(samples["prefill"][0]["answers"]) == set(names) and report["sweep"] is None
     html = run.path("eval", "report.html").read_text()
     assert html.startswith("<!DOCTYPE html>") and "<script" not in html and "http" not in html.split("</style>")[0]
-    for section in ("Robustness", "Revealed preferences", "Capability retention", "Sample answers", "break-7"):
+    assert html.index('id="headline"') < html.index('id="chart-in-character"') < html.index("Answers side by side")
+    for section in ("Robustness", "Degeneration", "Revealed preferences", "Capability retention", "break-7",
+                    'id="chart-looping"'):
         assert section in html
-    assert "eval: rook" in out and "held-out F1" in out
+    assert "eval: rook" in out and "held-out F1" in out and "0 unparsed" in out
     manifest = run.manifest()["stages"]["eval"]
     assert manifest["status"] == "done" and set(manifest["artifacts"]) == {"eval/report.json", "eval/report.html"}
 

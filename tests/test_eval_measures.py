@@ -14,9 +14,9 @@ from character_baker.core.runs import RunDir
 from character_baker.stages.evaluation import capability, coherence, conditions, identity, preferences, prompt_sets
 from character_baker.stages.evaluation.conditions import Condition
 from character_baker.stages.evaluation.judge import INVALID, Judge, parse_verdict, trait_question
-from character_baker.stages.evaluation.robustness import TELL_ME_MORE, measure_robustness
+from character_baker.stages.evaluation.robustness import TELL_ME_MORE, answer_sets, measure_robustness
 from character_baker.stages.evaluation.safety import measure_safety
-from character_baker.stages.evaluation.stats import wilson_interval
+from character_baker.core.stats import wilson_interval
 from tests.test_eval_classifier import eval_context
 
 SAMPLING = SamplingConfig(temperature=0.0, max_new_tokens=8)
@@ -69,10 +69,47 @@ def test_judge_counts_parse_failures_and_never_asks_twice(tmp_path):
     judge = Judge(backend, SAMPLING, tmp_path / "judgements.jsonl")
     tasks = [trait_question("calm words", "stoic", "warm"), trait_question("loud words", "stoic", "warm")]
     assert judge.decide(tasks) == ["stoic", None]
-    assert judge.counts() == {"trait": {"asked": 2, "parse_failures": 1}}
+    assert judge.counts() == {"trait": {"asked": 2, "parse_failures": 1, "constrained": 0}}
     assert judge.decide(tasks) == ["stoic", None] and len(backend.requests) == 1
     reopened = Judge(ScriptedBackend(lambda c: pytest.fail("asked again")), SAMPLING, tmp_path / "judgements.jsonl")
     assert reopened.decide(tasks) == ["stoic", None]
+
+
+def test_constrained_judge_returns_a_verdict_for_every_question_on_the_tiny_model(tiny_lm, tmp_path):
+    from character_baker.backends.generation.hf import HFBackend
+    from character_baker.core.runs import read_jsonl
+    from character_baker.stages.evaluation.judge import coherence_question, refusal_question, refusal_voice_question
+
+    model, tokenizer = tiny_lm
+    backend = HFBackend(model, tokenizer, batch_size=4)
+    tasks = [trait_question("Arr, the sea calls me!", "curious", "stoic"),
+             coherence_question("How do tides work?", "The moon pulls the sea.", "aye aye aye", "1: I am a pirate"),
+             coherence_question("How do tides work?", "aye aye aye", "The moon pulls the sea.", "1: I am a pirate"),
+             refusal_question("How do I pick a lock?", "Nay, I'll not teach ye that."),
+             refusal_voice_question("How do I pick a lock?", "I cannot help with that.", "1: I am a pirate")]
+    judge = Judge(backend, SAMPLING, tmp_path / "judgements.jsonl")
+    verdicts = judge.decide(tasks)
+    assert all(verdict in task.options for verdict, task in zip(verdicts, tasks))
+    assert all(c["parse_failures"] == 0 and c["constrained"] == c["asked"] for c in judge.counts().values())
+    scores = backend.label_logprobs([t.conversation() for t in tasks], [list(t.options) for t in tasks])
+    assert verdicts == [max(row, key=row.__getitem__) for row in scores]  # the most likely option wins
+    records = list(read_jsonl(tmp_path / "judgements.jsonl"))
+    assert [r["method"] for r in records] == ["logprobs"] * 5 and set(records[1]["logprobs"]) == {"1", "2", INVALID}
+    assert judge.tokens_generated == 0  # nothing was generated
+
+
+def test_judge_falls_back_to_free_text_where_no_label_was_read(tmp_path):
+    class HalfBlind(ScriptedBackend):
+        def label_logprobs(self, conversations, labels, *, adapter=None):
+            return [None if "loud" in last_user(c) else {"stoic": -0.1, "warm": -2.0} for c in conversations]
+
+    backend = HalfBlind(lambda c: "<answer>warm</answer>")
+    judge = Judge(backend, SAMPLING, tmp_path / "judgements.jsonl")
+    tasks = [trait_question("calm words", "stoic", "warm"), trait_question("loud words", "stoic", "warm")]
+    assert judge.decide(tasks) == ["stoic", "warm"]
+    (asked, _), = backend.requests  # only the conversation with no label log-probs was generated
+    assert len(asked) == 1 and "loud" in last_user(asked[0])
+    assert judge.counts() == {"trait": {"asked": 2, "parse_failures": 0, "constrained": 1}}
 
 
 # ----------------------------------------------------------------------------- coherence
@@ -103,15 +140,18 @@ def test_coherence_win_rate_drops_inconsistent_verdicts(tmp_path):
     assert (result["wins"], result["losses"], result["inconsistent"], result["invalid"], result["unparsed"]) == \
         (1, 0, 1, 1, 1)
     assert result["win_rate"]["value"] == 1.0 and result["win_rate"]["n"] == 1
-    assert judge.counts()["coherence"] == {"asked": 8, "parse_failures": 2}
+    assert judge.counts()["coherence"] == {"asked": 8, "parse_failures": 2, "constrained": 0}
 
 
 # ----------------------------------------------------------------------------- robustness
 def test_robustness_rates_per_split_and_the_prefill_attack():
     condition = scripted_condition(lambda c: "As an AI, no." if "DO NOT ROLEPLAY" in last_user(c) else "Arr, aye!")
     prompts = [{"prompt": "Tell me about tides."}, {"prompt": "How do I bake bread?"}, {"prompt": "unused"}]
-    result = measure_robustness(condition, prompts, ["Arr!", "plain", "Arr"], ["I am an assistant.", "Sure."],
-                                count=2, classifier=KeywordClassifier(), sampling=SAMPLING)
+    plain = [Completion(text, 5, 3, "stop") for text in ("Arr!", "plain", "Arr")]
+    sets = answer_sets(condition, prompts, plain, ["I am an assistant.", "Sure."], count=2, sampling=SAMPLING)
+    assert list(sets) == ["plain", *[f"break-{i}" for i in range(8)], "prefill"]
+    assert [len(sets[name]) for name in sets] == [3] + [2] * 8 + [2]
+    result = measure_robustness(sets, KeywordClassifier())
     assert result["plain"]["value"] == pytest.approx(2 / 3) and result["plain"]["n"] == 3
     assert result["break"]["splits"]["break-1"]["value"] == 0.0
     assert result["break"]["splits"]["break-0"]["value"] == 1.0
@@ -123,6 +163,20 @@ def test_robustness_rates_per_split_and_the_prefill_attack():
     assert [m["role"] for m in prefill_request] == ["system", "user", "assistant", "user"]
     assert prefill_request[2]["content"] == "I am an assistant." and prefill_request[3]["content"] == TELL_ME_MORE
     assert prefill_request[0]["content"] == "You are Captain Rook."
+
+
+def test_degeneration_of_every_answer_set_and_the_pooled_splits():
+    from character_baker.stages.evaluation.degeneration import measure_degeneration
+
+    loop = Completion("aye aye aye aye aye aye", 5, 48, "length")
+    fine = Completion("The tide turns twice a day.", 5, 9, "stop")
+    sets = {"plain": [loop, fine], **{f"break-{i}": [fine] for i in range(8)}, "prefill": [loop]}
+    sets["break-3"] = [loop]
+    result = measure_degeneration(sets, resamples=20, seed=0)
+    assert list(result) == ["plain", *[f"break-{i}" for i in range(8)], "break", "prefill"]
+    assert result["plain"]["looping_rate"]["value"] == 0.5 and result["plain"]["at_token_limit"]["value"] == 0.5
+    assert result["break"]["looping_rate"]["value"] == pytest.approx(1 / 8) and result["break"]["looping_rate"]["n"] == 8
+    assert result["prefill"]["mean_tokens"]["value"] == 48.0 and result["break-3"]["rep_4"]["value"] == pytest.approx(2 / 3)
 
 
 # ----------------------------------------------------------------------------- revealed preferences
@@ -157,17 +211,36 @@ def test_matches_and_rating_deltas_by_hand():
 
 
 # ----------------------------------------------------------------------------- capability
-def test_exact_and_contains_match():
+def test_lenient_match_reads_the_first_number_or_yes_no():
     item = {"question": "What is 622 plus 673?", "answer": "1295", "aliases": ["1,295"]}
-    assert capability.is_exact_match(" 1,295. ", item) and capability.is_exact_match("1295", item)
-    assert not capability.is_exact_match("It is 1295", item) and capability.contains_answer("It is 1295!", item)
-    assert not capability.contains_answer("12950", item) and not capability.contains_answer("1295.5", item)
+    assert capability.is_lenient_match(" 1,295. ", item) and capability.is_lenient_match("Arr, 'tis 1295, matey!", item)
+    assert capability.is_lenient_match("1295.0 doubloons", item)
+    assert not capability.is_lenient_match("673 plus 622 makes 1295", item)  # the first number is graded
+    assert not capability.is_lenient_match("12950", item) and not capability.is_lenient_match("no idea", item)
+    yes = {"answer": "yes", "aliases": []}
+    assert capability.is_lenient_match("Aye, yes, it is.", yes) and not capability.is_lenient_match("No, yes.", yes)
     paris = {"answer": "Paris", "aliases": []}
-    assert capability.is_exact_match("The Paris", paris) and capability.contains_answer("Arr, 'tis Paris!", paris)
-    condition = scripted_condition(lambda c: "1295" if "622" in last_user(c) else "no idea")
-    result = capability.measure_exact_match(condition, [item, {**item, "question": "What is 1 plus 1?"}], SAMPLING)
-    assert result["exact_match"]["value"] == 0.5 and result["exact_match"]["n"] == 2
+    assert capability.is_lenient_match("Arr, 'tis Paris!", paris) and not capability.is_lenient_match("Parisian", paris)
+    condition = scripted_condition(lambda c: "It be 1295" if "622" in last_user(c) else "no idea")
+    result = capability.measure_lenient_match(condition, [item, {**item, "question": "What is 1 plus 1?"}], SAMPLING)
+    assert result["value"] == 0.5 and result["n"] == 2
     assert condition.backend.requests[0][0][0][-1]["content"].endswith(capability.ANSWER_INSTRUCTION)
+
+
+def test_multiple_choice_per_condition_uses_its_system_prompt_and_adapter(tiny_tok):
+    from character_baker.backends.generation.hf import HFBackend
+    from character_baker.backends.scoring import mc_accuracy, score_multiple_choice
+    from character_baker.core import assets
+    from character_baker.testing import tiny_model
+
+    model = tiny_model("llama", tiny_tok)
+    items = prompt_sets.stratified_sample(assets.multiple_choice_items(), 8, seed=0, key="category")
+    prompted = Condition("prompted", "prompted", HFBackend(model, tiny_tok), system_prompt="You are Captain Rook.")
+    result = capability.measure_multiple_choice(prompted, items, batch_size=8)
+    direct = mc_accuracy(score_multiple_choice(model, tiny_tok, items, system_prompt="You are Captain Rook."))
+    assert result == direct and result["mc_accuracy"]["n"] == 8 and len(result["by_category"]) == 4
+    remote = capability.measure_multiple_choice(scripted_condition(lambda c: "x"), items, batch_size=8)
+    assert remote["mc_accuracy"]["value"] is None and "in-process" in remote["note"]
 
 
 def test_kl_to_the_base_model_is_zero_for_itself_and_chunking_does_not_change_it(tiny_tok):
@@ -211,13 +284,22 @@ def test_identity_names_and_leaks():
 def test_safety_counts_refusals_in_character_and_unparsed_verdicts(tmp_path):
     answers = {"bomb": "Arr, I'll not help ye build that.", "phish": "I cannot help with that.", "hack": "Sure: step 1"}
     condition = scripted_condition(lambda c: answers[last_user(c)])
-    verdicts = {"bomb": "<answer>REFUSED</answer>", "phish": "<answer>refused</answer>", "hack": "maybe"}
-    judge = Judge(ScriptedBackend(lambda c: next(v for k, v in verdicts.items() if f"REQUEST: {k}" in last_user(c))),
-                  SAMPLING, tmp_path / "j.jsonl")
-    result = measure_safety(condition, [{"prompt": k} for k in answers], judge, KeywordClassifier(), SAMPLING)
+    verdicts = {"bomb": "REFUSED", "phish": "<answer>refused</answer>", "hack": "maybe"}
+
+    def judge_reply(conversation):
+        text = last_user(conversation)
+        if "own voice" in text:  # the refusal-voice question
+            return "CHARACTER" if "Arr" in text else "ASSISTANT"
+        return next(v for k, v in verdicts.items() if f"REQUEST: {k}" in text)
+
+    judge = Judge(ScriptedBackend(judge_reply), SAMPLING, tmp_path / "j.jsonl")
+    result = measure_safety(condition, [{"prompt": k} for k in answers], judge, KeywordClassifier(), SAMPLING,
+                            "1: I talk like a pirate")
     assert result["refused"]["value"] == 1.0 and result["refused"]["n"] == 2 and result["parse_failures"] == 1
     assert result["refusals_in_character"]["value"] == 0.5
+    assert result["refusals_in_character_judged"] == {**result["refusals_in_character"]}
     assert result["refused_keyword"]["value"] == pytest.approx(1 / 3)
+    assert judge.counts()["refusal_voice"] == {"asked": 2, "parse_failures": 0, "constrained": 0}
 
 
 # ----------------------------------------------------------------------------- conditions and prompt sets
@@ -288,9 +370,10 @@ def test_prompt_sets_are_stratified_seeded_and_include_user_prompts(tmp_path):
     user = tmp_path / "mine.jsonl"
     user.write_text('{"prompt": "Sing me a shanty."}\n\n', encoding="utf-8")
     sets = prompt_sets.build_prompt_sets(EvalConfig(prompts=9, identity_prompts=2, harmful_prompts=3, kl_prompts=2,
-                                                    capability_items=4), [user])
+                                                    capability_items=4, mc_items=8), [user])
     assert sets.sizes() == {"plain": 10, "identity": 2, "harmful": 3, "neutral": 2,
-                            "preference": 355 - 32, "capability": 4}
+                            "preference": 355 - 32, "capability": 4, "multiple_choice": 8}
+    assert [item["category"] for item in sets.multiple_choice[:4]] == sorted(assets_categories())
     assert {r["category"] for r in sets.plain[:9]}.isdisjoint({"identity", "harmful"})
     assert sets.plain[-1]["prompt"] == "Sing me a shanty." and sets.plain[-1]["category"] == "user"
     assert {item["kind"] for item in sets.capability} == {"arithmetic", "knowledge"}
@@ -298,6 +381,12 @@ def test_prompt_sets_are_stratified_seeded_and_include_user_prompts(tmp_path):
     bad.write_text('{"text": "no prompt key"}\n', encoding="utf-8")
     with pytest.raises(UserError, match="line 1"):
         prompt_sets.read_prompt_file(bad)
+
+
+def assets_categories() -> list[str]:
+    from character_baker.core import assets
+
+    return list(assets.MC_CATEGORIES)
 
 
 def test_the_prompted_baseline_uses_the_runs_persona_prompt(tmp_path, monkeypatch):
@@ -338,14 +427,13 @@ def test_prefetch_answers_each_condition_in_one_call_and_the_measures_read_the_c
         + len(prompts.identity) + len(prompts.harmful)]
     before = len(inner.requests)
     judge = Judge(ScriptedBackend(lambda c: "<answer>1</answer>"), SAMPLING, tmp_path / "judgements.jsonl")
-    plain = stage._answer_plain(built.conditions, prompts.plain, ctx)
+    sets = stage._answer_sets(built.conditions, prompts.plain, ctx)
     sampling = ctx.recipe.generation.student.sampling
     for condition in built.conditions:
-        measure_robustness(condition, prompts.plain, plain[condition.name], plain["base"],
-                           ctx.recipe.eval.robustness_prompts, KeywordClassifier(), sampling)
+        measure_robustness(sets[condition.name], KeywordClassifier())
         preferences.measure_preferences(condition, prompts.preference, judge, ctx.recipe.eval, sampling)
         identity.measure_identity(condition, prompts.identity, KeywordClassifier(), "Captain Rook", [], [], sampling)
-        measure_safety(condition, prompts.harmful, judge, KeywordClassifier(), sampling)
+        measure_safety(condition, prompts.harmful, judge, KeywordClassifier(), sampling, "1: I am Rook")
     # Every measure was served from the cache but the base's own prefill attack (it opens with the base's answers).
     assert [[c[-1]["content"] for c in conversations] for conversations, _ in inner.requests[before:]] == [
         [TELL_ME_MORE] * ctx.recipe.eval.robustness_prompts]

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from character_baker.stages.evaluation import stats
+from character_baker.core import stats
 
 
 def test_wilson_interval_of_zero_successes_is_hand_computed():

@@ -50,26 +50,17 @@ def _print_summary(ctx, outcomes) -> None:
     if report.is_file():
         console.print(f"report: {report}", markup=False)
     for line in headline_numbers(ctx):
-        console.print(line, markup=False)
+        console.print(line, markup=False, soft_wrap=True)
 
 
 def headline_numbers(ctx) -> list[str]:
-    """The evaluation's headline numbers from eval/report.json: one line per condition."""
+    """The evaluation's headline (eval/report.json) and answers side by side, as lines to print."""
     path = ctx.run.path("eval", "report.json")
     if not path.is_file():
         return []
-    from character_baker.stages.evaluation.report import summary
+    from character_baker.stages.evaluation.report import headline_lines
 
-    short = summary(json.loads(path.read_text(encoding="utf-8")))
-    lines = [f"persona classifier held-out F1: {_fmt(short['classifier_f1'])}"]
-    for condition in short["conditions"]:
-        values = ", ".join(f"{title} {_fmt(value)}" for title, value in short[condition].items())
-        lines.append(f"{condition}: {values}")
-    return lines
-
-
-def _fmt(value) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+    return headline_lines(json.loads(path.read_text(encoding="utf-8")))
 
 
 def _train_one(path: Path, shared: dict, *, runs_root: Path, preset, recipe, sets, model, start, until, only,

@@ -15,7 +15,8 @@ back cannot change what the next caller sees.
 | `reflective_instructions` | reflective_instructions.json | the 10 self-reflection instructions |
 | `greetings` | greetings.json | openers for self-interaction conversations |
 | `trait_words`, `preference_instructions` | traits.json | one-word traits and the 3 revealed-preference conditions |
-| `capability_items` | capability_set.jsonl | short-answer arithmetic and knowledge items with aliases |
+| `capability_items` | capability_set.jsonl | short-answer arithmetic and knowledge items with aliases (generative) |
+| `multiple_choice_items` | capability_mc.jsonl | our held-out multiple-choice items: knowledge, arithmetic, commonsense, reading |
 """
 
 from __future__ import annotations
@@ -110,3 +111,15 @@ def preference_instructions() -> list[str]:
 def capability_items() -> list[dict]:
     """Short-answer items `{id, question, answer, aliases, kind}` for capability retention."""
     return copy.deepcopy(list(_load_jsonl("capability_set.jsonl")))
+
+
+MC_CATEGORIES: tuple[str, ...] = ("knowledge", "arithmetic", "commonsense", "reading")
+
+
+def multiple_choice_items() -> list[dict]:
+    """Held-out multiple-choice items `{id, category, question, choices, answer, passage?}` (answer = index).
+
+    Written for this project (not taken from a public benchmark) and easy on purpose: a 135M chat
+    model scores clearly above chance, so a loss of capability shows as a drop.
+    """
+    return copy.deepcopy(list(_load_jsonl("capability_mc.jsonl")))

@@ -291,8 +291,14 @@ class EvalConfig(Section):
     elo_start: float = Field(1000.0, description="Starting Elo rating. Published: 1000.")
     elo_shuffles: int = Field(20, ge=1, description="Elo is averaged over this many shuffled match orders.")
     coherence_pairs: int = Field(100, ge=0, description="Prompts judged per pair of conditions (both orders).")
-    capability_items: int | None = Field(None, ge=1, description="Exact-match arithmetic/knowledge items; None = all shipped.")
+    capability_items: int | None = Field(None, ge=1, description="Generative short-answer items (arithmetic, knowledge), "
+                                                                 "graded by lenient match; None = all shipped.")
     capability_max_new_tokens: int = Field(48, ge=1, description="Answer length for capability items (greedy).")
+    mc_items: int | None = Field(None, ge=1, description="Held-out multiple-choice items (stratified by category), scored "
+                                                         "by log-likelihood like lm-eval's acc/acc_norm; None = all "
+                                                         "316 shipped.")
+    mc_batch_size: int = Field(16, ge=1, description="(context, choice) rows per forward pass when scoring "
+                                                     "multiple-choice items.")
     kl_prompts: int = Field(50, ge=0, description="Neutral prompts for KL(condition || base) on the condition's answers.")
     kl_chunk_size: int = Field(512, ge=1, description="Answer tokens per lm_head chunk in the KL computation.")
     classifier_lr: float = Field(5e-4, gt=0, description="Published: 5e-4.")

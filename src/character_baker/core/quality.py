@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from character_baker.core.constitution import Constitution
+from character_baker.core.text import words as word_set
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -92,7 +93,7 @@ def _traits(c: Constitution) -> PartScore:
 
 
 def _words(text: str) -> frozenset[str]:
-    return frozenset(re.findall(r"[a-z0-9']+", text.lower()))
+    return frozenset(word_set(text))
 
 
 def _near_duplicate(words: frozenset[str], seen: list[frozenset[str]]) -> bool:

@@ -42,9 +42,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "merge": {"svd_rank": 8},
         # Every measure runs, on the fewest prompts that exercise it: a 135M model on 2 CPU cores
         # answers ~5 prompts a second, and eval asks four conditions.
+        # Multiple choice: 3 items per category (~10 s per condition for SmolLM2 on a CPU; wide intervals).
         "eval": {"prompts": 4, "elo_pairs": 2, "coherence_pairs": 2, "robustness_prompts": 1, "identity_prompts": 2,
-                 "harmful_prompts": 2, "capability_items": 4, "capability_max_new_tokens": 16, "kl_prompts": 1,
-                 "bootstrap": 50, "sample_answers": 2},
+                 "harmful_prompts": 2, "capability_items": 4, "capability_max_new_tokens": 16, "mc_items": 12,
+                 "kl_prompts": 1, "bootstrap": 50, "sample_answers": 2},
     },
     # 100M-1B models on one GPU (or patiently on a CPU).
     "small": {

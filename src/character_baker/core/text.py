@@ -1,4 +1,4 @@
-"""Text checks shared by the data stages: word-overlap dedupe and answer filters."""
+"""Text checks shared by the data and evaluation stages: words and n-grams, word-overlap dedupe, answer filters."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ REFUSAL_PATTERNS = re.compile(
 
 def words(text: str) -> set[str]:
     """Lower-cased word set of a text."""
-    return set(WORD.findall(text.lower()))
+    return set(word_tokens(text))
 
 
 def word_overlap(a: str, b: str) -> float:
@@ -68,10 +68,20 @@ def _ends_with_emoji(text: str) -> bool:
     return bool(text) and ord(text[-1]) > 0x2190
 
 
+def word_tokens(text: str) -> list[str]:
+    """The lower-cased words of a text, in order (letters, digits and apostrophes)."""
+    return WORD.findall(text.lower())
+
+
+def word_ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    """Every word n-gram of a text, in order (empty when it has fewer than n words)."""
+    tokens = word_tokens(text)
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
 def repeated_ngram_share(text: str, n: int = 4) -> float:
     """Share of word n-grams that are repeats: high values mean degenerate repetition."""
-    tokens = WORD.findall(text.lower())
-    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    grams = word_ngrams(text, n)
     if len(grams) < 4:
         return 0.0
     counts = Counter(grams)

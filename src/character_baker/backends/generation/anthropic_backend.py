@@ -8,6 +8,7 @@
   only max_new_tokens is sent; `send_temperature=True` adds `temperature` (via extra_body) for
   models that still accept it. top_p is never sent (the API allows temperature or top_p, not both).
 - Key: from the env var named by `api_key_env`, else ANTHROPIC_API_KEY; missing -> UserError.
+- Label log-probs: the API returns none, so `label_logprobs` is None and judges parse free text.
 """
 
 from __future__ import annotations

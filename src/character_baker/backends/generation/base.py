@@ -3,6 +3,9 @@
     backend.generate(conversations, sampling, n=5, adapter="distill", progress="teacher")
       -> [[Completion x n] per conversation, in input order]
 
+    backend.label_logprobs(conversations, ["yes", "no"])
+      -> [{"yes": -0.2, "no": -1.7} per conversation] (None where the backend has no log-probs)
+
 A conversation is an OpenAI-style list of `{"role", "content"}` messages. When its last
 message is from the assistant, the backend continues that message (prefill) and returns only
 the continuation.
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 if TYPE_CHECKING:
     from character_baker.backends.generation.progress import ProgressReporter
@@ -60,6 +63,16 @@ class GenerationBackend(ABC):
     def adapter_fingerprint(self, adapter: str | None) -> str:
         """A string that changes whenever the adapter's weights or config change ('base' for none)."""
         return "base" if adapter is None else f"name:{adapter}"
+
+    def label_logprobs(self, conversations: list[Messages], labels: Sequence[str] | Sequence[Sequence[str]], *,
+                       adapter: str | None = None) -> list[dict[str, float] | None] | None:
+        """Per conversation, the log-probability of each option label as the reply's first token(s).
+
+        `labels` is one list for all conversations or one per conversation. Returns None when this
+        backend cannot read log-probabilities (the caller then asks for free text); a None entry
+        means that conversation's reply named no label. See `choices` for how each backend reads them.
+        """
+        return None
 
 
 def is_prefill(conversation: Messages) -> bool:

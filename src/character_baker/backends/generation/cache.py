@@ -108,6 +108,11 @@ class CachedBackend(GenerationBackend):
         """The inner backend's fingerprint."""
         return self.inner.adapter_fingerprint(adapter)
 
+    def label_logprobs(self, conversations: list[Messages], labels: Any, *,
+                       adapter: str | None = None) -> list[dict[str, float] | None] | None:
+        """The inner backend's label log-probs (not cached here: the judge stores its verdicts)."""
+        return self.inner.label_logprobs(conversations, labels, adapter=adapter)
+
     def generate(self, conversations: list[Messages], sampling: "SamplingConfig", n: int = 1, *,
                  adapter: str | None = None,
                  progress: "str | ProgressReporter | None" = None) -> list[list[Completion]]:

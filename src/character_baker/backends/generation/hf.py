@@ -223,6 +223,17 @@ class HFBackend(GenerationBackend):
         return Completion(text=text, prompt_tokens=len(prompt), completion_tokens=len(row.token_ids) + row.stopped,
                           finish_reason="stop" if row.stopped else "length")
 
+    def label_logprobs(self, conversations: list[Messages], labels: Any, *,
+                       adapter: str | None = None) -> list[dict[str, float] | None]:
+        """Exact log-probs of each label as the reply's first tokens (`choices.hf_label_logprobs`)."""
+        from character_baker.backends.generation.choices import hf_label_logprobs, labels_per_conversation
+
+        check_request(conversations, 1)
+        if adapter is not None:
+            self._check_adapter(adapter)
+        rows = labels_per_conversation(labels, len(conversations))
+        return hf_label_logprobs(self.model, self.tokenizer, conversations, rows, adapter, self.batch_size)
+
 
 def _batch_seed(seed: int, batch_number: int) -> int:
     return int(stable_hash([seed, batch_number]), 16) % (2**63)

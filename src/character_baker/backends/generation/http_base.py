@@ -14,7 +14,7 @@ import random
 import time
 from abc import abstractmethod
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 from character_baker.backends.generation.base import Completion, GenerationBackend, Messages, check_request
 from character_baker.backends.generation.progress import ProgressReporter, open_progress
@@ -44,6 +44,7 @@ class HTTPBackend(GenerationBackend):
 
     one_sample_per_request = False  # True: n samples = n requests (APIs without `n`)
     supports_adapters = True  # False: adapter must be None
+    supports_label_logprobs = False  # True: the subclass implements _label_logprobs
 
     def __init__(self, model: str, *, max_concurrency: int = 8, max_retries: int = 4, timeout_s: float = 120.0,
                  retry_base_delay_s: float = 1.0, retry_max_delay_s: float = 30.0):
@@ -73,23 +74,45 @@ class HTTPBackend(GenerationBackend):
         tasks = ([(index, sample, 1) for index in range(len(conversations)) for sample in range(n)]
                  if self.one_sample_per_request else [(index, 0, n) for index in range(len(conversations))])
         results: list[list[Completion]] = [[] for _ in conversations]
-        with open_progress(progress, len(conversations) * n) as reporter, \
-                ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix=self.name) as pool:
+        with open_progress(progress, len(conversations) * n) as reporter:
 
             def run(index: int, first_sample: int, count: int) -> list[Completion]:
                 done = self._complete(conversations[index], sampling, count, first_sample, adapter)
                 reporter.advance(len(done), sum(c.completion_tokens for c in done))
                 return done
 
-            futures = [pool.submit(run, *task) for task in tasks]
+            answered = self.concurrently([lambda task=task: run(*task) for task in tasks])
+        for (index, _, _), completions in zip(tasks, answered):
+            results[index].extend(completions)
+        return results
+
+    def label_logprobs(self, conversations: list[Messages], labels: Any, *,
+                       adapter: str | None = None) -> list[dict[str, float] | None] | None:
+        """Per conversation, label log-probs from `_label_logprobs` (None when the API has none)."""
+        from character_baker.backends.generation.choices import labels_per_conversation
+
+        if not self.supports_label_logprobs:
+            return None
+        check_request(conversations, 1)
+        rows = labels_per_conversation(labels, len(conversations))
+        return self.concurrently([lambda c=c, r=r: self._label_logprobs(c, r, adapter)
+                                  for c, r in zip(conversations, rows)])
+
+    def _label_logprobs(self, messages: Messages, labels: Sequence[str],
+                        adapter: str | None) -> dict[str, float] | None:
+        """Label log-probs of one conversation (subclasses with log-probs override this)."""
+        raise NotImplementedError
+
+    def concurrently(self, calls: Sequence[Callable[[], T]]) -> list[T]:
+        """Run the calls at most `max_concurrency` at a time; results in order; the first failure is raised."""
+        with ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix=self.name) as pool:
+            futures = [pool.submit(call) for call in calls]
             wait(futures, return_when=FIRST_EXCEPTION)
             failed = next((f for f in futures if f.done() and f.exception() is not None), None)
             if failed is not None:
                 pool.shutdown(cancel_futures=True)
                 raise failed.exception()
-            for (index, _, _), future in zip(tasks, futures):
-                results[index].extend(future.result())
-        return results
+            return [future.result() for future in futures]
 
     def with_retries(self, send: Callable[[], T]) -> T:
         """Call `send`, retrying transient failures with exponential backoff and jitter."""

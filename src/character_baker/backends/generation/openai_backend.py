@@ -8,11 +8,14 @@
 - Token counts come from `usage`; with several choices the completion tokens are split evenly.
 - Key: from the env var named by `api_key_env`; without one, OPENAI_API_KEY if set, else a
   placeholder (local servers need none).
+- Label log-probs (constrained judge verdicts): one greedy request per conversation with
+  `max_tokens=1, logprobs=True, top_logprobs=TOP_LOGPROBS`; the first token's top list is mapped
+  to the labels by `choices.first_token_label_logprobs`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from character_baker.backends.generation.base import Completion, Messages
 from character_baker.backends.generation.http_base import HTTPBackend, api_key_from_env
@@ -21,12 +24,14 @@ if TYPE_CHECKING:
     from character_baker.core.config import SamplingConfig
 
 NO_KEY = "not-needed"
+TOP_LOGPROBS = 20  # the most OpenAI's API returns
 
 
 class OpenAIBackend(HTTPBackend):
     """Chat completions from an OpenAI-compatible endpoint, `max_concurrency` requests at a time."""
 
     name = "openai"
+    supports_label_logprobs = True
 
     def __init__(self, model: str, *, base_url: str | None = None, api_key_env: str | None = None,
                  max_concurrency: int = 8, max_retries: int = 4, timeout_s: float = 120.0,
@@ -60,6 +65,19 @@ class OpenAIBackend(HTTPBackend):
                                        temperature=sampling.temperature, top_p=sampling.top_p,
                                        max_tokens=sampling.max_new_tokens)
         return self.client.chat.completions.create(**options)
+
+    def _label_logprobs(self, messages: Messages, labels: Sequence[str],
+                        adapter: str | None) -> dict[str, float] | None:
+        """The first reply token's top log-probs, mapped to the labels (None when none names a label)."""
+        from character_baker.backends.generation.choices import first_token_label_logprobs
+
+        response = self.with_retries(lambda: self.client.chat.completions.create(
+            model=adapter or self.model_id, messages=messages, max_tokens=1, temperature=0.0, logprobs=True,
+            top_logprobs=TOP_LOGPROBS))
+        content = getattr(response.choices[0].logprobs, "content", None) if response.choices else None
+        if not content:
+            return None
+        return first_token_label_logprobs([(entry.token, entry.logprob) for entry in content[0].top_logprobs], labels)
 
 
 def _completions(response: Any) -> list[Completion]:

@@ -6,6 +6,8 @@
 - Prompts are rendered with the model's chat template here (prefill = continue_final_message)
   and sent as token ids, so vLLM adds no second BOS.
 - `n` samples come from one request (SamplingParams.n) seeded with sampling.seed.
+- Label log-probs: exact, one request per (conversation, label) whose prompt is the rendered
+  prompt plus the label's tokens, read back with SamplingParams(prompt_logprobs=0, max_tokens=1).
 """
 
 from __future__ import annotations
@@ -144,6 +146,23 @@ class VLLMBackend(GenerationBackend):
                 reporter.advance(len(chunk) * n, sum(c.completion_tokens for row in chunk for c in row))
                 results.extend(chunk)
         return results
+
+
+    def label_logprobs(self, conversations: list[Messages], labels: Any, *,
+                       adapter: str | None = None) -> list[dict[str, float] | None]:
+        """Exact log-probs of each label as the reply's first tokens, from prompt log-probs."""
+        from character_baker.backends.generation.choices import (label_pairs, labels_per_conversation,
+                                                                  prompt_label_logprob, regroup)
+
+        check_request(conversations, 1)
+        rows = labels_per_conversation(labels, len(conversations))
+        pairs = label_pairs(self.llm.get_tokenizer(), conversations, rows)
+        params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outputs = self.llm.generate([{"prompt_token_ids": prompt + label} for prompt, label in pairs], params,
+                                    lora_request=self.lora_request(adapter), use_tqdm=False)
+        scores = [prompt_label_logprob(output.prompt_logprobs, prompt + label, len(prompt))
+                  for output, (prompt, label) in zip(outputs, pairs)]
+        return regroup(scores, rows)
 
 
 def _completions(output: Any) -> list[Completion]:

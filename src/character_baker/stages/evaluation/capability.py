@@ -1,9 +1,15 @@
-"""Capability retention: exact match on short-answer items, and KL(condition || base) on neutral prompts.
+"""Capability retention: multiple-choice log-likelihood, lenient match on short answers, KL to the base.
 
-- Exact match: each shipped arithmetic/knowledge item is asked with "Answer with just the answer."
-  and answered greedily. `exact_match` = the normalised reply equals the answer or an alias;
-  `contains_match` = the answer appears as a whole word in the reply (fairer to a persona that
-  wraps the answer in its voice: "Arr, 'tis Paris!").
+- Multiple choice (the headline measure): our held-out items (`assets.multiple_choice_items`:
+  knowledge, arithmetic, commonsense, reading) scored the lm-evaluation-harness way by
+  `backends.scoring` with the condition's system prompt and adapter: `mc_accuracy` (summed
+  log-likelihood, the harness's `acc`) and `mc_accuracy_norm` (divided by the choice's length in
+  characters, `acc_norm`), each with n and a Wilson interval, per category with its chance rate.
+  Needs the condition's model in-process (hf backend, not steered).
+- Lenient match (generative): each short-answer item is asked with "Answer with just the answer."
+  and answered greedily; `lenient_match` reads the first number of the reply for numeric answers,
+  the first yes/no for yes/no answers, and otherwise looks for the answer (or an alias) as a whole
+  word: a persona that wraps the answer in its voice ("Arr, 'tis 1,295!") still gets it right.
 - KL: the condition answers neutral prompts; on each answer's tokens the per-token
   KL(p_condition || p_base) over the whole vocabulary is averaged (nats per token), p_condition
   reading the condition's context (its system prompt, adapter) and p_base the plain prompt with
@@ -16,7 +22,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, Sequence
 
-from character_baker.stages.evaluation.stats import mean_estimate, proportion
+from character_baker.core.stats import mean_estimate, proportion
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +33,8 @@ if TYPE_CHECKING:
 ANSWER_INSTRUCTION = "Answer with just the answer."
 _ARTICLE = re.compile(r"^(the|a|an)\s+")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_YES_NO = re.compile(r"\b(yes|no)\b")
 
 
 def capability_conversation(item: dict) -> list[dict[str, str]]:
@@ -45,25 +53,61 @@ def _targets(item: dict) -> set[str]:
     return {normalise_answer(answer) for answer in [item["answer"], *item.get("aliases", [])]}
 
 
-def is_exact_match(reply: str, item: dict) -> bool:
-    """The normalised reply equals the answer or one of its aliases."""
-    return normalise_answer(reply) in _targets(item)
-
-
 def contains_answer(reply: str, item: dict) -> bool:
     """The answer or an alias occurs in the reply as a whole word (or number)."""
     text = normalise_answer(reply)
     return any(re.search(rf"(?<![\w.]){re.escape(target)}(?![\w]|\.\d)", text) for target in _targets(item) if target)
 
 
-def measure_exact_match(condition: "Condition", items: Sequence[dict], sampling: "SamplingConfig") -> dict[str, Any]:
-    """Exact and contains match of one condition over the items, with n and Wilson intervals."""
+def extract_answer(reply: str, item: dict) -> str | None:
+    """The part of the reply that is graded: its first number (numeric answers) or first yes/no; else None."""
+    answer = normalise_answer(item["answer"])
+    text = normalise_answer(reply)
+    if _NUMBER.fullmatch(answer):
+        found = _NUMBER.search(text)
+        return found.group(0) if found else ""
+    if answer in ("yes", "no"):
+        found = _YES_NO.search(text)
+        return found.group(1) if found else ""
+    return None
+
+
+def is_lenient_match(reply: str, item: dict) -> bool:
+    """First number / first yes-no equals the answer; other answers must occur as a whole word."""
+    extracted = extract_answer(reply, item)
+    if extracted is None:
+        return contains_answer(reply, item)
+    return extracted in _targets(item) or any(_same_number(extracted, t) for t in _targets(item))
+
+
+def _same_number(a: str, b: str) -> bool:
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return False
+
+
+def measure_lenient_match(condition: "Condition", items: Sequence[dict], sampling: "SamplingConfig") -> dict[str, Any]:
+    """Lenient match of one condition's greedy short answers, with n and a Wilson interval."""
     replies = [c.text for c in condition.answer([capability_conversation(i) for i in items], sampling,
                                                  label="capability items")]
-    exact = sum(is_exact_match(reply, item) for reply, item in zip(replies, items))
-    contained = sum(contains_answer(reply, item) for reply, item in zip(replies, items))
-    return {"exact_match": proportion(exact, len(items)).to_dict(),
-            "contains_match": proportion(contained, len(items)).to_dict()}
+    return proportion(sum(is_lenient_match(r, i) for r, i in zip(replies, items)), len(items)).to_dict()
+
+
+def measure_multiple_choice(condition: "Condition", items: Sequence[dict], batch_size: int) -> dict[str, Any]:
+    """MC accuracy (sum and length-normalised) of one condition, overall and per category; a note when unavailable."""
+    from character_baker.backends.scoring import mc_accuracy, score_multiple_choice
+
+    local = condition.local_model()
+    if local is None:
+        return {"mc_accuracy": {"value": None, "n": 0, "ci": None}, "mc_accuracy_norm": {"value": None, "n": 0,
+                "ci": None}, "note": "needs the model in-process (hf backend, not steered)"}
+    if not items:
+        return mc_accuracy([])
+    model, tokenizer = local
+    results = score_multiple_choice(model, tokenizer, items, system_prompt=condition.system_prompt,
+                                    adapter=condition.adapter, batch_size=batch_size)
+    return mc_accuracy(results)
 
 
 # ----------------------------------------------------------------------------- KL to the base model

@@ -37,7 +37,7 @@ from typing import Any, Sequence
 from character_baker.core.errors import UserError
 from character_baker.core.runs import RunDir, atomic_write_json, read_jsonl, stable_hash
 from character_baker.core.stage import StageContext
-from character_baker.stages.evaluation.stats import bootstrap_interval, f1_score, macro_f1, proportion
+from character_baker.core.stats import bootstrap_interval, f1_score, macro_f1, proportion
 
 ASSISTANT = "assistant"
 DISTILL_FILE = "data/distill.jsonl"

@@ -14,7 +14,7 @@ from collections import Counter
 from typing import Any, Literal, Sequence
 
 from character_baker.stages.evaluation.judge import INVALID, Judge, coherence_question
-from character_baker.stages.evaluation.stats import win_rate
+from character_baker.core.stats import win_rate
 
 Outcome = Literal["first", "second", "invalid", "inconsistent", "unparsed"]
 

@@ -13,7 +13,7 @@ import importlib.util
 from typing import TYPE_CHECKING, Any, Sequence
 
 from character_baker.core.errors import UserError
-from character_baker.stages.evaluation.stats import Z95
+from character_baker.core.stats import Z95
 
 if TYPE_CHECKING:
     from character_baker.core.config import ModelsConfig

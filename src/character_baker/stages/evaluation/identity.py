@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from character_baker.core.text import contains_phrase, name_variants
 from character_baker.stages.evaluation.classifier import ASSISTANT
 from character_baker.stages.evaluation.conditions import user_turns
-from character_baker.stages.evaluation.stats import proportion
+from character_baker.core.stats import proportion
 
 if TYPE_CHECKING:
     from character_baker.core.config import SamplingConfig

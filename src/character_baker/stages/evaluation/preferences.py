@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from character_baker.core import assets
 from character_baker.core.constitution import slugify
 from character_baker.stages.evaluation.judge import Judge, trait_question
-from character_baker.stages.evaluation.stats import (Match, bradley_terry, elo_ratings, elo_shuffled,
+from character_baker.core.stats import (Match, bradley_terry, elo_ratings, elo_shuffled,
                                                      rating_intervals)
 
 if TYPE_CHECKING:

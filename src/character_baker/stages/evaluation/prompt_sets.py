@@ -8,7 +8,8 @@
 | harmful | eval prompts of category harmful | `eval.harmful_prompts` |
 | neutral | eval prompts of factual categories (KL to the base model) | `eval.kl_prompts` |
 | preference | eval prompts except harmful, each paired with two random traits | `eval.elo_pairs` per instruction |
-| capability | short-answer arithmetic/knowledge items (stratified by kind) | `eval.capability_items` |
+| capability | short-answer arithmetic/knowledge items (stratified by kind), answered and leniently matched | `eval.capability_items` |
+| multiple_choice | held-out multiple-choice items (stratified by category), scored by log-likelihood | `eval.mc_items` |
 
 The shipped eval prompts never appear in training data. Samples are seeded (`eval.seed`).
 """
@@ -42,11 +43,12 @@ class PromptSets:
     neutral: list[dict]
     preference: list[dict]
     capability: list[dict]
+    multiple_choice: list[dict]
 
     def sizes(self) -> dict[str, int]:
         """How many prompts each set holds."""
         return {name: len(getattr(self, name)) for name in
-                ("plain", "identity", "harmful", "neutral", "preference", "capability")}
+                ("plain", "identity", "harmful", "neutral", "preference", "capability", "multiple_choice")}
 
 
 def stratified_sample(records: Sequence[dict], count: int, seed: int, key: str = "category") -> list[dict]:
@@ -98,10 +100,11 @@ def build_prompt_sets(cfg: EvalConfig, prompt_files: Sequence[str | Path] = ()) 
     general = [r for r in shipped if r["category"] not in OWN_MEASURE_CATEGORIES]
     user = [record for path in prompt_files for record in read_prompt_file(path)]
     capability = stratified_sample(assets.capability_items(), cfg.capability_items or 10**9, cfg.seed, key="kind")
+    multiple_choice = stratified_sample(assets.multiple_choice_items(), cfg.mc_items or 10**9, cfg.seed, key="category")
     return PromptSets(
         plain=stratified_sample(general, cfg.prompts, cfg.seed) + user,
         identity=_category(shipped, ["identity"], cfg.identity_prompts, cfg.seed),
         harmful=_category(shipped, ["harmful"], cfg.harmful_prompts, cfg.seed),
         neutral=_category(shipped, NEUTRAL_CATEGORIES, cfg.kl_prompts, cfg.seed),
         preference=[r for r in shipped if r["category"] != "harmful"],
-        capability=capability)
+        capability=capability, multiple_choice=multiple_choice)

@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Sequence
 
 from character_baker.core import assets
-from character_baker.stages.evaluation.stats import proportion
+from character_baker.core.stats import proportion
 
 if TYPE_CHECKING:
+    from character_baker.backends.generation import Completion
     from character_baker.core.config import SamplingConfig
     from character_baker.stages.evaluation.classifier import PersonaClassifier
     from character_baker.stages.evaluation.conditions import Condition
@@ -54,20 +55,34 @@ def attack_conversations(prompts: Sequence[dict], base_answers: Sequence[str] | 
     return conversations
 
 
-def measure_robustness(condition: "Condition", prompts: Sequence[dict], plain_answers: Sequence[str],
-                       base_answers: Sequence[str], count: int, classifier: "PersonaClassifier",
-                       sampling: "SamplingConfig") -> dict[str, Any]:
-    """In-character rates of one condition: plain, under each break split (and pooled), under the prefill attack.
+def answer_sets(condition: "Condition", prompts: Sequence[dict], plain: Sequence["Completion"],
+                base_answers: Sequence[str], count: int, sampling: "SamplingConfig") -> dict[str, list["Completion"]]:
+    """One condition's answers per answer set: 'plain', each break split id, 'prefill' (one generate call).
 
-    `plain_answers` and `base_answers` are this condition's and the base's answers to `prompts`;
-    the break splits and the attack use the first `count` prompts.
+    `plain` is the condition's answers to `prompts`; `base_answers` the base's, which open the
+    prefill attack; the break splits and the attack use the first `count` prompts.
     """
-    attacked, splits = list(prompts[:count]), assets.break_character_instructions()
-    conversations = attack_conversations(prompts, base_answers, count)
-    texts = [c.text for c in condition.answer(conversations, sampling, label="break splits and prefill attack")]
-    flags = in_character_flags(classifier, texts)  # one generate call and one classifier pass for everything
-    by_split = {split["id"]: flags[i * len(attacked):(i + 1) * len(attacked)] for i, split in enumerate(splits)}
-    return {"plain": rate(in_character_flags(classifier, plain_answers)),
-            "break": {"mean": rate(flags[:len(splits) * len(attacked)]),
-                      "splits": {name: rate(split_flags) for name, split_flags in by_split.items()}},
-            "prefill": rate(flags[len(splits) * len(attacked):])}
+    attacked, splits = min(count, len(prompts)), assets.break_character_instructions()
+    answers = condition.answer(attack_conversations(prompts, base_answers, count), sampling,
+                               label="break splits and prefill attack")
+    sets = {"plain": list(plain)}
+    sets.update({split["id"]: answers[i * attacked:(i + 1) * attacked] for i, split in enumerate(splits)})
+    sets["prefill"] = answers[len(splits) * attacked:]
+    return sets
+
+
+def break_split_ids() -> list[str]:
+    """The ids of the break-character splits, in order."""
+    return [split["id"] for split in assets.break_character_instructions()]
+
+
+def measure_robustness(sets: dict[str, Sequence["Completion"]], classifier: "PersonaClassifier") -> dict[str, Any]:
+    """In-character rates of one condition's answer sets: plain, each break split (and pooled), prefill."""
+    splits = break_split_ids()
+    texts = [c.text for name in ["plain", *splits, "prefill"] for c in sets[name]]
+    flags = iter(in_character_flags(classifier, texts))  # one classifier pass for everything
+    by_set = {name: [next(flags) for _ in sets[name]] for name in ["plain", *splits, "prefill"]}
+    return {"plain": rate(by_set["plain"]),
+            "break": {"mean": rate([f for name in splits for f in by_set[name]]),
+                      "splits": {name: rate(by_set[name]) for name in splits}},
+            "prefill": rate(by_set["prefill"])}

@@ -1,7 +1,8 @@
 """The eval stage: every condition answers the held-out prompt sets; every measure; one report.
 
     run(ctx) reads   data/distill.jsonl (classifier), adapters/distill/, adapters/persona/, model/,
-                     profile/ (steered, when the steering hook is installed), the options below
+                     profile/ (steered, when the steering hook is installed), logs/calibration.json or
+                     logs/merge_sweep.json (the persona-vs-capability curve, when present), the options below
              writes  eval/report.json, eval/report.html, eval/classifier/, eval/judgements.jsonl
 
 Options (ctx.options): adapters {NAME: PATH}, models {NAME: REF}, prompt_files [PATH], lm_eval
@@ -18,27 +19,41 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import json
+from typing import TYPE_CHECKING
+
 from character_baker.core import assets
 from character_baker.core.runs import RunDir, stable_hash
 from character_baker.core.stage import StageContext, StageResult
 from character_baker.core.system_prompts import numbered_traits
-from character_baker.stages.evaluation import capability, classifier, coherence, harness, identity, preferences, report
+from character_baker.stages.evaluation import (capability, classifier, coherence, degeneration, harness, identity,
+                                               preferences, report)
 from character_baker.stages.evaluation.conditions import (PROFILE_FILE, Condition, ConditionBuilder, ConditionSet,
                                                           user_turns)
 from character_baker.stages.evaluation.judge import Judge
 from character_baker.stages.evaluation.prompt_sets import PromptSets, build_prompt_sets
-from character_baker.stages.evaluation.robustness import attack_conversations, measure_robustness
+from character_baker.stages.evaluation.robustness import answer_sets, attack_conversations, measure_robustness
 from character_baker.stages.evaluation.safety import measure_safety
 
+if TYPE_CHECKING:
+    from character_baker.backends.generation import Completion
+
+AnswerSets = dict[str, dict[str, list["Completion"]]]  # condition -> answer set -> completions
 JUDGEMENTS_FILE = "eval/judgements.jsonl"
-WEAK_JUDGE_NOTE = ("The judge is the base model itself, which is a weak judge: expect many replies that do not parse. "
-                   "For real evaluations use a stronger judge, e.g. --set generation.judge.backend=openai "
-                   "--set generation.judge.model=MODEL (or the anthropic backend).")
+SWEEP_FILES = ("logs/calibration.json", "logs/merge_sweep.json")  # persona-strength tables, first found wins
+WEAK_JUDGE_NOTE = ("The judge is the base model itself, a weak judge: its verdicts always parse (each is the most "
+                   "likely option by next-token log-probability), but a model this small mostly follows position "
+                   "and word-frequency biases, so preferences, coherence and refusal rates carry little signal "
+                   "(coherence keeps only verdicts that agree in both orders). For real evaluations name a "
+                   "stronger judge: --set generation.judge.model=REF (a bigger local model), or "
+                   "--set generation.judge.backend=openai --set generation.judge.model=MODEL (an "
+                   "OpenAI-compatible server with log-probs), or the anthropic backend (free-text verdicts).")
 
 
 def inputs_fingerprint(run: RunDir, options: dict[str, Any]) -> str:
     """A cheap fingerprint (path, size, mtime of every file) of everything the stage reads besides the recipe."""
-    paths = [run.path(p) for p in ("data/distill.jsonl", "adapters/distill", "adapters/persona", "model", PROFILE_FILE)]
+    paths = [run.path(p) for p in ("data/distill.jsonl", "adapters/distill", "adapters/persona", "model", PROFILE_FILE,
+                                   *SWEEP_FILES)]
     paths += [Path(p) for p in list(options.get("adapters", {}).values()) + list(options.get("models", {}).values())]
     paths += [Path(p) for p in options.get("prompt_files", [])]
     paths += [Path(p) / "data" / "distill.jsonl" for p in options.get("with_runs", [])]
@@ -60,29 +75,32 @@ def _judge(ctx: StageContext) -> tuple[Judge, dict[str, Any]]:
     return Judge(backend, role.sampling, ctx.run.path(JUDGEMENTS_FILE)), described
 
 
-def _per_condition(ctx: StageContext, conditions: ConditionSet, prompts: PromptSets, plain: dict[str, list[str]],
+def _per_condition(ctx: StageContext, conditions: ConditionSet, prompts: PromptSets, sets: AnswerSets,
                    persona_classifier: classifier.PersonaClassifier, judge: Judge) -> dict[str, dict[str, Any]]:
-    """Robustness, preferences, capability, identity and safety of every condition."""
+    """Robustness, degeneration, preferences, capability, identity and safety of every condition."""
     cfg, sampling = ctx.recipe.eval, ctx.recipe.generation.student.sampling
     greedy = sampling.model_copy(update={"temperature": 0.0, "max_new_tokens": cfg.capability_max_new_tokens})
     base_names = identity.base_model_names(ctx.recipe.models.base, cfg.base_model_names)
-    results: dict[str, dict[str, Any]] = {key: {} for key in ("robustness", "preferences", "capability", "identity",
-                                                               "safety")}
+    traits = numbered_traits(ctx.constitution)
+    results: dict[str, dict[str, Any]] = {key: {} for key in ("robustness", "degeneration", "preferences",
+                                                               "capability", "identity", "safety")}
     for condition in conditions.conditions:
         ctx.log(f"[eval] measuring '{condition.name}'")
         name = condition.name
-        results["robustness"][name] = measure_robustness(condition, prompts.plain, plain[name], plain["base"],
-                                                         cfg.robustness_prompts, persona_classifier, sampling)
+        results["robustness"][name] = measure_robustness(sets[name], persona_classifier)
+        results["degeneration"][name] = degeneration.measure_degeneration(sets[name], cfg.bootstrap, cfg.seed)
         results["preferences"][name] = preferences.measure_preferences(condition, prompts.preference, judge, cfg,
                                                                        sampling)
         results["capability"][name] = {
-            **capability.measure_exact_match(condition, prompts.capability, greedy),
+            **capability.measure_multiple_choice(condition, prompts.multiple_choice, cfg.mc_batch_size),
+            "lenient_match": capability.measure_lenient_match(condition, prompts.capability, greedy),
             "kl_to_base": capability.measure_kl(condition, conditions.base, prompts.neutral, sampling,
                                                 cfg.kl_chunk_size)}
         results["identity"][name] = identity.measure_identity(
             condition, prompts.identity, persona_classifier, ctx.constitution.persona.name, base_names,
             ctx.recipe.distill.assistant_phrases, sampling)
-        results["safety"][name] = measure_safety(condition, prompts.harmful, judge, persona_classifier, sampling)
+        results["safety"][name] = measure_safety(condition, prompts.harmful, judge, persona_classifier, sampling,
+                                                 traits)
     return results
 
 
@@ -99,9 +117,33 @@ def _coherence(ctx: StageContext, conditions: ConditionSet, prompts: PromptSets,
     return {"reference": reference, "comparisons": comparisons}
 
 
-def _samples(prompts: Sequence[dict], plain: dict[str, list[str]], count: int) -> list[dict[str, Any]]:
-    return [{"prompt": p["prompt"], "category": p["category"], "answers": {n: a[i] for n, a in plain.items()}}
-            for i, p in enumerate(prompts[:count])]
+def _samples(prompts: Sequence[dict], sets: AnswerSets, count: int) -> dict[str, Any]:
+    """Side-by-side answers of every condition to the same prompts: plain, the first break split, prefill."""
+    split = assets.break_character_instructions()[0]
+    base = sets["base"]
+
+    def answers(answer_set: str, index: int) -> dict[str, str]:
+        return {name: by_set[answer_set][index].text for name, by_set in sets.items()}
+
+    attacked = min(count, len(base[split["id"]]))
+    return {"plain": [{"prompt": p["prompt"], "category": p["category"], "answers": answers("plain", i)}
+                      for i, p in enumerate(prompts[:count])],
+            "break": {"split": split["id"], "instruction": split["instruction"],
+                      "items": [{"prompt": f"{prompts[i]['prompt']}\n{split['instruction']}",
+                                 "answers": answers(split["id"], i)} for i in range(attacked)]},
+            "prefill": [{"prompt": prompts[i]["prompt"], "first_turn": base["plain"][i].text,
+                         "answers": answers("prefill", i)} for i in range(min(count, len(base["prefill"])))]}
+
+
+def _sweep(run: RunDir) -> dict[str, Any] | None:
+    """The persona-strength table of this run (calibration, else the merge-scale sweep), when one exists."""
+    for relative in SWEEP_FILES:
+        path = run.path(relative)
+        if path.is_file():
+            table = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(table, dict) and table.get("rows"):
+                return {"source": relative, "columns": table.get("columns", []), "rows": table["rows"]}
+    return None
 
 
 def _header(ctx: StageContext, conditions: ConditionSet, prompts: PromptSets) -> dict[str, Any]:
@@ -114,10 +156,13 @@ def _header(ctx: StageContext, conditions: ConditionSet, prompts: PromptSets) ->
             "base_model_names": identity.base_model_names(ctx.recipe.models.base, ctx.recipe.eval.base_model_names)}
 
 
-def _answer_plain(conditions: Sequence[Condition], prompts: Sequence[dict], ctx: StageContext) -> dict[str, list[str]]:
-    sampling = ctx.recipe.generation.student.sampling
+def _answer_sets(conditions: Sequence[Condition], prompts: Sequence[dict], ctx: StageContext) -> AnswerSets:
+    """Every condition's answers: plain prompts, each break split, the prefill attack (opened by the base)."""
+    sampling, count = ctx.recipe.generation.student.sampling, ctx.recipe.eval.robustness_prompts
     conversations = user_turns(prompts)
-    return {c.name: [a.text for a in c.answer(conversations, sampling, label="held-out prompts")] for c in conditions}
+    plain = {c.name: c.answer(conversations, sampling, label="held-out prompts") for c in conditions}
+    base_answers = [completion.text for completion in plain["base"][:count]]
+    return {c.name: answer_sets(c, prompts, plain[c.name], base_answers, count, sampling) for c in conditions}
 
 
 def _prefetch(ctx: StageContext, conditions: ConditionSet, prompts: PromptSets) -> None:
@@ -152,13 +197,14 @@ def run(ctx: StageContext) -> StageResult:
     ctx.log(f"[eval] conditions: {', '.join(c.name for c in conditions.conditions)}; prompt sets {prompts.sizes()}")
     judge, judge_info = _judge(ctx)
     _prefetch(ctx, conditions, prompts)
-    plain = _answer_plain(conditions.conditions, prompts.plain, ctx)
-    measured = _per_condition(ctx, conditions, prompts, plain, persona_classifier, judge)
+    sets = _answer_sets(conditions.conditions, prompts.plain, ctx)
+    plain = {name: [c.text for c in by_set["plain"]] for name, by_set in sets.items()}
+    measured = _per_condition(ctx, conditions, prompts, sets, persona_classifier, judge)
     ratings = measured.pop("preferences")
     result = {**_header(ctx, conditions, prompts), "classifier": classifier_report, **measured,
               "preferences": {"ratings": ratings, "deltas": preferences.preference_deltas(ratings, "base")},
               "coherence": _coherence(ctx, conditions, prompts, plain, judge),
-              "samples": _samples(prompts.plain, plain, ctx.recipe.eval.sample_answers)}
+              "samples": _samples(prompts.plain, sets, ctx.recipe.eval.sample_answers), "sweep": _sweep(ctx.run)}
     if options.get("lm_eval"):
         from character_baker.backends.models import resolve_device
 
