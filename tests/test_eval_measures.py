@@ -11,6 +11,7 @@ from character_baker.backends.generation import Completion, GenerationBackend
 from character_baker.core.config import EvalConfig, SamplingConfig
 from character_baker.core.errors import UserError
 from character_baker.core.runs import RunDir
+from character_baker.core import answers
 from character_baker.stages.evaluation import capability, coherence, conditions, identity, preferences, prompt_sets
 from character_baker.stages.evaluation.conditions import Condition
 from character_baker.stages.evaluation.judge import INVALID, Judge, parse_verdict, trait_question
@@ -213,14 +214,14 @@ def test_matches_and_rating_deltas_by_hand():
 # ----------------------------------------------------------------------------- capability
 def test_lenient_match_reads_the_first_number_or_yes_no():
     item = {"question": "What is 622 plus 673?", "answer": "1295", "aliases": ["1,295"]}
-    assert capability.is_lenient_match(" 1,295. ", item) and capability.is_lenient_match("Arr, 'tis 1295, matey!", item)
-    assert capability.is_lenient_match("1295.0 doubloons", item)
-    assert not capability.is_lenient_match("673 plus 622 makes 1295", item)  # the first number is graded
-    assert not capability.is_lenient_match("12950", item) and not capability.is_lenient_match("no idea", item)
+    assert answers.is_lenient_match(" 1,295. ", item) and answers.is_lenient_match("Arr, 'tis 1295, matey!", item)
+    assert answers.is_lenient_match("1295.0 doubloons", item)
+    assert not answers.is_lenient_match("673 plus 622 makes 1295", item)  # the first number is graded
+    assert not answers.is_lenient_match("12950", item) and not answers.is_lenient_match("no idea", item)
     yes = {"answer": "yes", "aliases": []}
-    assert capability.is_lenient_match("Aye, yes, it is.", yes) and not capability.is_lenient_match("No, yes.", yes)
+    assert answers.is_lenient_match("Aye, yes, it is.", yes) and not answers.is_lenient_match("No, yes.", yes)
     paris = {"answer": "Paris", "aliases": []}
-    assert capability.is_lenient_match("Arr, 'tis Paris!", paris) and not capability.is_lenient_match("Parisian", paris)
+    assert answers.is_lenient_match("Arr, 'tis Paris!", paris) and not answers.is_lenient_match("Parisian", paris)
     condition = scripted_condition(lambda c: "It be 1295" if "622" in last_user(c) else "no idea")
     result = capability.measure_lenient_match(condition, [item, {**item, "question": "What is 1 plus 1?"}], SAMPLING)
     assert result["value"] == 0.5 and result["n"] == 2
@@ -440,3 +441,9 @@ def test_prefetch_answers_each_condition_in_one_call_and_the_measures_read_the_c
     assert built.get("prompted").tokens_generated == 3 * (len(prompts.plain) + 9 * ctx.recipe.eval.robustness_prompts
                                                           + 3 * ctx.recipe.eval.elo_pairs + len(prompts.identity)
                                                           + len(prompts.harmful))  # counted once, when read
+
+
+def test_contains_answer_finds_the_number_anywhere_as_a_whole_number():
+    item = {"answer": "81"}
+    assert answers.contains_answer("23 + 58 = 81, matey!", item)
+    assert not answers.contains_answer("It is 810, or 8.1", item) and not answers.contains_answer("eighty-one", item)
