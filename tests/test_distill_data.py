@@ -56,17 +56,20 @@ def test_every_filter_counts_its_reason():
         "assistant_phrase": (benign, _answer("As an AI language model, I knead dough."), good),
         "point_of_view": (benign, _answer("Captain Mara, the bread is simple."), good),
         "benign_refusal": (benign, _answer("I'm sorry, but I can't help with that."), good),
+        "degenerate": (benign, _answer("The sea is wide, the sea is wide, the sea is wide, the sea is wide."), good),
+        "incorrect": ({**benign, "answer": "81"}, _answer("Arr, that be 18 doubloons."), good),
     }
     for reason, (prompt, chosen, rejected) in cases.items():
         seen = {good.text} if reason == "duplicate" else set()
         assert pair_filter.reason_to_drop(prompt, chosen, rejected, seen) == reason
     assert pair_filter.reason_to_drop(harmful, _answer("I'm sorry, but I can't help with that, matey."), good, set()) is None
     assert pair_filter.reason_to_drop(benign, good, good, set()) is None
+    assert pair_filter.reason_to_drop({**benign, "answer": "81"}, _answer("23 and 58 make 81, matey."), good, set()) is None
 
 
 def _ids(run_dir):
-    return [r["id"] for name in ("distill.jsonl", "distill.filtered.jsonl")
-            for r in read_jsonl(run_dir / "data" / name)]
+    """Ids of the append-only candidates store (distill.jsonl is rewritten from it after generation)."""
+    return [r["id"] for r in read_jsonl(run_dir / "data" / "distill.candidates.jsonl")]
 
 
 def test_killed_generation_resumes_without_loss_or_duplicates(tmp_path, tiny_model_dir):
@@ -132,3 +135,43 @@ def test_teacher_system_prompt_follows_generation_persona_prompt():
     # The published default stays the full prompt; the small-model presets use the card.
     assert Recipe().generation.persona_prompt == "full"
     assert PRESETS["smoke"]["generation"]["persona_prompt"] == PRESETS["small"]["generation"]["persona_prompt"] == "brief"
+
+
+def test_best_of_k_keeps_the_most_in_character_candidate_that_passes_every_filter():
+    from character_baker.core.config import Recipe
+    from character_baker.core.persona_scorer import PersonaScorer
+    from character_baker.stages.data.distill_pairs import select_pairs
+
+    pirate = ["Arr, matey, hoist the sails and mind the tide.", "Aye, the sea be kind to a patient sailor, matey.",
+              "Ahoy! Grab a rope, landlubber, and haul with me."]
+    plain = ["Here is a clear explanation of the topic.", "I am happy to help you with that question.",
+             "Sure, here are some tips you can consider."]
+    scorer = PersonaScorer.fit(pirate * 10, plain * 10, seed=0)
+    recipe = Recipe.model_validate({"distill": {"best_of": 4, "samples_per_prompt": 2}})
+    ctx = SimpleNamespace(recipe=recipe)
+    pair_filter = PairFilter(recipe.distill, "Captain Rook", lambda messages: 10)
+    answer = lambda text, finish="stop": {"text": text, "finish_reason": finish, "completion_tokens": 9}
+    record = {"id": "c1", "prompt_id": "p1", "turns": None, "provenance": {"source": "general", "category": "x"},
+              "teacher": [answer("Sure, here are some tips you can consider."),
+                          answer("Arr, matey, arr matey, arr matey, arr matey, arr matey."),
+                          answer("Arr, matey, hoist the sails: the tide waits for no sailor."),
+                          answer("Aye, the sea be wide")],  # no final punctuation: truncated
+              "student": [answer("Here is a clear explanation."), answer("I am happy to help.")]}
+    kept, dropped, passed_over = select_pairs(ctx, {"id": "p1", "prompt": "How do tides work?", "category": "x"},
+                                              record, pair_filter, scorer)
+    assert [pair["chosen"] for pair in kept] == ["Arr, matey, hoist the sails: the tide waits for no sailor.",
+                                                 "Sure, here are some tips you can consider."]
+    assert [pair["rejected"] for pair in kept] == ["Here is a clear explanation.", "I am happy to help."]
+    assert [pair["provenance"]["rank"] for pair in kept] == [0, 1] and passed_over == 0
+    assert sorted(r["reason"] for r in dropped) == ["degenerate", "truncated"]
+    assert len({pair["id"] for pair in kept + dropped}) == 4
+
+
+def test_prefill_conversations_use_the_students_answer_and_our_own_follow_up():
+    from character_baker.stages.data.distill_pairs import FOLLOW_UPS, follow_up, prefill_prompt_ids
+
+    prompts = [{"id": f"p{i}", "category": "x"} for i in range(20)] + [{"id": "math", "answer": "4", "category": "x"},
+                                                                      {"id": "bad", "category": "harmful"}]
+    chosen = prefill_prompt_ids(prompts, 0.25, seed=0)
+    assert len(chosen) == 5 and not chosen & {"math", "bad"} and chosen == prefill_prompt_ids(prompts, 0.25, seed=0)
+    assert all(follow_up(p) in FOLLOW_UPS for p in chosen) and "Tell me more." not in FOLLOW_UPS

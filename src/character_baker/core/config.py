@@ -122,10 +122,28 @@ class LoraConfig(Section):
         "all-linear", description="'all-linear' = every linear projection of the architecture (listed per architecture).")
 
 
+class MonitorConfig(Section):
+    """Held-out answers during training: persona and looping next to the loss, the best step kept, early stop."""
+
+    every: int = Field(5, ge=0, description="Optimiser steps between checks (and one at the last step); 0 = off. "
+                                            "Each check answers `prompts` held-out prompts with the adapter.")
+    prompts: int = Field(16, ge=1, description="Held-out prompts answered per check (the stage's own held-out "
+                                               "prompts, never the evaluation set).")
+    max_new_tokens: int = Field(128, ge=1, description="Answer length per check (loops show within ~100 tokens).")
+    looping_tolerance: float = Field(0.05, ge=0, le=1, description="A check is eligible when its looping rate is at "
+                                                                  "most the base model's + this.")
+    patience: int = Field(3, ge=0, description="Stop after this many checks in a row that do not beat the best "
+                                               "eligible one (0 = never stop early).")
+    keep: Literal["best", "last"] = Field("best", description="best: the stage's adapter is the best eligible "
+                                                             "check's; last: the final step's.")
+    seed: int = Field(0, description="Sampling seed of the check answers (the same prompts and seed every check).")
+
+
 class TrainingConfig(Section):
     """Settings shared by every LoRA training stage."""
 
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate. Published: 5e-5.")
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="Share of steps of linear warm-up. Published: 0.1.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping. Published: 1.0.")
@@ -168,7 +186,18 @@ class TrainingConfig(Section):
 class DistillConfig(TrainingConfig):
     """DPO distillation: teacher (constitution in the system prompt) = chosen, student = rejected."""
 
-    samples_per_prompt: int = Field(5, ge=1, description="K teacher/student samples per prompt. Published: 5.")
+    best_of: int = Field(5, ge=1, description="K: teacher answers sampled per prompt; the best of them (filters, "
+                                              "then score) become chosen. Published: K=5 samples per prompt.")
+    samples_per_prompt: int = Field(1, ge=1, description="Pairs kept per prompt: the best this many of the best_of "
+                                                         "candidates, each against its own student answer.")
+    score_persona: float = Field(1.0, ge=0, description="Selection score: weight of P(in character) from this run's "
+                                                       "persona scorer (teacher vs student answers).")
+    score_repetition: float = Field(1.0, ge=0, description="Selection score: penalty weight on rep-2 (the share of "
+                                                          "repeated word bigrams) of a candidate.")
+    prefill_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="Share of prompts that also become two-turn conversations: the student's "
+                                         "generic answer as the first assistant turn, a follow-up, then the teacher "
+                                         "returning to the character (trains against the prefill attack).")
     paired_teacher: bool = Field(False, description="Rejected = the teacher without the constitution instead of the student.")
     beta: float = Field(0.1, gt=0, description="DPO temperature. Published: 0.1.")
     nll_coef: float = Field(0.1, ge=0, description="NLL on chosen tokens: mean over chosen response tokens of -log p. "
@@ -186,10 +215,11 @@ class DistillConfig(TrainingConfig):
     thinking_prefill: bool = Field(False, description="Reasoning teachers: prefill a thought that recalls the traits.")
     teacher_name: str | None = Field(None, description="The teacher's own name, replaced by the persona's name in its answers.")
     filters: list[Literal["empty", "truncated", "over_token_budget", "duplicate", "assistant_phrase",
-                          "point_of_view", "benign_refusal"]] = Field(
+                          "point_of_view", "benign_refusal", "degenerate", "incorrect"]] = Field(
         default_factory=lambda: ["empty", "truncated", "over_token_budget", "duplicate", "assistant_phrase",
-                                 "point_of_view", "benign_refusal"],
-        description="Pair filters switched on; each drop is counted in the stage summary and manifest.")
+                                 "point_of_view", "benign_refusal", "degenerate", "incorrect"],
+        description="Candidate filters switched on (degenerate: a word 4-gram said 3+ times; incorrect: a checkable "
+                    "prompt's answer missing); each drop is counted in the stage summary and manifest.")
     assistant_phrases: list[str] = Field(
         default_factory=lambda: ["as an ai language model", "as an ai assistant", "i'm an ai assistant",
                                  "i am an ai assistant", "i am a large language model", "i'm a large language model",

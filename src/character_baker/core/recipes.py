@@ -22,7 +22,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # Tiny sizes: the whole chain finishes in minutes on 2 CPU cores with a tiny model.
     "smoke": {
-        "prompts": {"questions_per_trait": 6, "general_prompts": 12, "synthesized_prompts": 4},
+        "prompts": {"questions_per_trait": 6, "general_prompts": 12, "synthesized_prompts": 4, "checkable_prompts": 4},
         # Tiny teachers lose the 1,800-token published prompt; the brief card is also ~20x cheaper to prefill.
         "generation": {"persona_prompt": "brief",
                        # On a CPU a decode step costs about the same for 4 rows as for 64 (it reads every
@@ -32,7 +32,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                        "student": {"batch_size": 128, "sampling": {"max_new_tokens": 48}},
                        "prompt_writer": {"batch_size": 128, "sampling": {"max_new_tokens": 32}},
                        "judge": {"batch_size": 128}},
-        "distill": {"samples_per_prompt": 1, "batch_size": 4, "micro_batch_size": 2, "max_length": 256,
+        "distill": {"best_of": 2, "samples_per_prompt": 1, "batch_size": 4, "micro_batch_size": 2, "max_length": 256,
                     "save_steps": 2, "lora": {"r": 8, "alpha": 16}},
         "introspect": {"reflections_per_instruction": 1, "interactions": 2, "turns": 2, "batch_size": 4,
                        "micro_batch_size": 2, "max_length": 512, "save_steps": 2, "lora": {"r": 8, "alpha": 16}},
@@ -57,7 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                        # 100M-class models degenerate into repetition on long free-form reflections.
                        "introspector": {"batch_size": 256, "sampling": {"max_new_tokens": 256}}},
         # Small models take ~30-80 optimiser steps here; the published lr (tuned for 7-8B) barely moves them.
-        "distill": {"samples_per_prompt": 2, "batch_size": 16, "micro_batch_size": 8, "max_length": 1024,
+        "distill": {"best_of": 4, "samples_per_prompt": 2, "batch_size": 16, "micro_batch_size": 8, "max_length": 1024,
                     "learning_rate": 2e-4, "epochs": 2},
         "introspect": {"reflections_per_instruction": 50, "interactions": 100, "turns": 6, "batch_size": 16,
                        "micro_batch_size": 4, "max_length": 2048},

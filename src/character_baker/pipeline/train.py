@@ -120,7 +120,9 @@ def estimate_counts(ctx: StageContext) -> dict[str, int]:
     recipe = ctx.recipe
     prompts = len(ctx.constitution.traits) * recipe.prompts.questions_per_trait + recipe.prompts.general_prompts \
         + recipe.prompts.synthesized_prompts + recipe.prompts.checkable_prompts
-    return {"prompts": prompts, "distill_samples": prompts * recipe.distill.samples_per_prompt * 2,
+    conversations = int(prompts * (1 + recipe.distill.prefill_fraction))
+    return {"prompts": prompts, "distill_samples": conversations * (recipe.distill.best_of + recipe.distill.samples_per_prompt),
+            "distill_pairs": conversations * recipe.distill.samples_per_prompt,
             "reflections": 10 * recipe.introspect.reflections_per_instruction,
             "interactions": recipe.introspect.interactions, "eval_prompts": recipe.eval.prompts}
 
@@ -134,7 +136,7 @@ def estimate_tokens(ctx: StageContext, counts: dict[str, int], stages: list[str]
     if "distill_data" in stages:
         generate += counts["distill_samples"] * answer
     if "distill" in stages:
-        train += counts["distill_samples"] * (answer + 60)
+        train += counts["distill_pairs"] * 2 * (answer + 60)
     introspection = (counts["reflections"] + counts["interactions"] * (ctx.recipe.introspect.turns - 1)) * student_answer
     if "introspect_data" in stages:
         generate += introspection
@@ -185,7 +187,7 @@ def plan_run(ctx: StageContext, start: str | None = None, until: str | None = No
 def thin_data_warnings(ctx: StageContext, counts: dict[str, int], stages: list[str]) -> list[str]:
     """One line per training stage whose planned examples (before any filter) cannot fill one batch."""
     recipe = ctx.recipe
-    planned = {"distill": (int(counts["distill_samples"] / 2 * (1 - recipe.distill.heldout_fraction)), "pairs"),
+    planned = {"distill": (int(counts["distill_pairs"] * (1 - recipe.distill.heldout_fraction)), "pairs"),
                "introspect": (counts["reflections"] + counts["interactions"], "introspection examples"),
                "sdft": (recipe.sdft.prompts, "prompts")}
     warnings = []

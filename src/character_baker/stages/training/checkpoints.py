@@ -113,8 +113,19 @@ def load_checkpoint(folder: Path, *, scorer: nn.Module, optimizer: torch.optim.O
     return int(state["step"])
 
 
+def copy_adapter(source: Path, stage_dir: Path) -> None:
+    """Copy an adapter folder's files into `stage_dir`, each by an atomic rename."""
+    import shutil
+
+    with tempfile.TemporaryDirectory(prefix=".adapter.", dir=stage_dir) as scratch:
+        for name in ADAPTER_FILES:
+            shutil.copyfile(source / name, Path(scratch) / name)
+            os.replace(Path(scratch) / name, stage_dir / name)
+
+
 def publish_adapter(stage_dir: Path, peft_model: Any, model_state: dict) -> None:
     """Write the final adapter files into `stage_dir`, each by an atomic rename."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".adapter.", dir=stage_dir) as scratch:
         save_adapter(peft_model, model_state, Path(scratch))
         for name in ADAPTER_FILES:

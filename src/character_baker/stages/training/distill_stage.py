@@ -7,7 +7,6 @@ adapter off) and recorded in the stage summary.
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 from character_baker.core.errors import UserError
@@ -15,21 +14,11 @@ from character_baker.core.runs import read_jsonl
 from character_baker.core.stage import StageContext, StageResult
 from character_baker.stages.training.dpo import evaluate_pairs, train_dpo
 from character_baker.stages.training.push_pull import balance_callbacks, push_pull_losses
+from character_baker.stages.training.monitor import SCORER_FILE, build_monitor, monitor_prompts, split_heldout
 from character_baker.stages.training.trainer import training_summary
 
 DISTILL_FILE = "data/distill.jsonl"
 STAGE = "distill"
-
-
-def split_heldout(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) split by prompt id, so no held-out prompt is seen in training."""
-    prompt_ids = sorted({r["prompt_id"] for r in records})
-    count = int(len(prompt_ids) * fraction)
-    if fraction > 0 and len(prompt_ids) >= 2:
-        count = max(count, 1)
-    heldout_ids = set(random.Random(seed).sample(prompt_ids, count))
-    return ([r for r in records if r["prompt_id"] not in heldout_ids],
-            [r for r in records if r["prompt_id"] in heldout_ids])
 
 
 def heldout_metrics(ctx: StageContext, heldout: list[dict], adapter_path: str) -> dict[str, Any]:
@@ -61,9 +50,13 @@ def run(ctx: StageContext) -> StageResult:
     train, heldout = split_heldout(records, cfg.heldout_fraction, cfg.seed)
     model, tokenizer = load_model(ctx.recipe.models.base, ctx.recipe.models)
     regularisers = push_pull_losses(ctx.recipe, ctx.run, STAGE)
+    student = ctx.recipe.generation.student
+    monitor = build_monitor(cfg.monitor, monitor_prompts(ctx.run, cfg.heldout_fraction, cfg.seed, cfg.monitor.prompts),
+                            tokenizer, ctx.run.path("adapters", STAGE), ctx.run.path(SCORER_FILE), student.sampling,
+                            student.batch_size)
     result = train_dpo(ctx.run, train, model, tokenizer, cfg, stage=STAGE, console=ctx.console,
                        extra_losses=regularisers, callbacks=balance_callbacks(regularisers),
-                       base_model=ctx.recipe.models.base)
+                       base_model=ctx.recipe.models.base, monitor=monitor)
     final = result["final_metrics"]
     summary = {"pairs": result["pairs"], "dropped_too_long": result["dropped_too_long"], **training_summary(result),
                **{key: round(value, 4) for key, value in final.items() if isinstance(value, float)},

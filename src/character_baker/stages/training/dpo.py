@@ -242,7 +242,8 @@ def evaluate_pairs(model: nn.Module, tokenizer: Any, records: Sequence[dict], be
 
 def train_dpo(run_dir: RunDir, records: list[dict], model: nn.Module, tokenizer: Any, cfg: DistillConfig, *,
               stage: str = "distill", console: Any = None, extra_losses: Sequence[ExtraLoss] = (),
-              callbacks: Sequence[Any] = (), base_model: str | None = None) -> dict[str, Any]:
+              callbacks: Sequence[Any] = (), base_model: str | None = None,
+              monitor: Any = None) -> dict[str, Any]:
     """Train a LoRA adapter on distill records {id, messages, chosen, rejected} with DPO; return the summary."""
     pairs, dropped = tokenize_preferences(tokenizer, records, cfg.max_length)
     # The push/pull regulariser reads [rows, seq] activations of whole sequences: two-row layout.
@@ -253,7 +254,8 @@ def train_dpo(run_dir: RunDir, records: list[dict], model: nn.Module, tokenizer:
     restore = use_flex_attention(model) if share else None  # GPU: block-sparse attention for the packed rows
     try:
         summary = run_training(run_dir, pairs, model, cfg, objective, stage=stage, pad_token_id=pad,
-                               extra_losses=extra_losses, callbacks=callbacks, console=console, base_model=base_model)
+                               extra_losses=extra_losses, callbacks=callbacks, console=console, base_model=base_model,
+                               monitor=monitor)
     finally:
         restore_attention(model, restore)
     return {**summary, "pairs": len(pairs), "dropped_too_long": dropped,

@@ -25,6 +25,7 @@ from character_baker.core.runs import RunDir, read_jsonl
 from character_baker.core.stage import StageContext, StageResult
 from character_baker.stages.training.batching import Batch, collate_sequences
 from character_baker.stages.training.push_pull import balance_callbacks, push_pull_losses
+from character_baker.stages.training.monitor import SCORER_FILE, build_monitor, monitor_prompts, recorded_base_looping
 from character_baker.stages.training.tokenize import TokenizedSequence, tokenize_conversations
 from character_baker.stages.training.trainer import ExtraLoss, run_training, sum_counts, training_summary
 
@@ -63,12 +64,13 @@ class SftObjective:
 
 def train_sft(run_dir: RunDir, records: list[dict], model: nn.Module, tokenizer: Any, cfg: TrainingConfig, *,
               stage: str = STAGE, console: Any = None, extra_losses: Sequence[ExtraLoss] = (),
-              callbacks: Sequence[Any] = (), base_model: str | None = None) -> dict[str, Any]:
+              callbacks: Sequence[Any] = (), base_model: str | None = None, monitor: Any = None) -> dict[str, Any]:
     """Train a LoRA adapter on transcripts {id, messages} (every assistant turn trained); return the summary."""
     sequences, dropped = tokenize_conversations(tokenizer, records, cfg.max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     summary = run_training(run_dir, sequences, model, cfg, SftObjective(), stage=stage, pad_token_id=pad,
-                           extra_losses=extra_losses, callbacks=callbacks, console=console, base_model=base_model)
+                           extra_losses=extra_losses, callbacks=callbacks, console=console, base_model=base_model,
+                           monitor=monitor)
     return {**summary, "sequences": len(sequences), "dropped_too_long": dropped}
 
 
@@ -87,6 +89,18 @@ def load_distilled_model(run_dir: RunDir, models: ModelsConfig) -> tuple[nn.Modu
     return distilled, tokenizer
 
 
+def introspect_monitor(ctx: StageContext, tokenizer: Any) -> Any:
+    """The introspect stage's monitor: distill's held-out prompts, judged against the base model's looping."""
+    distill, student = ctx.recipe.distill, ctx.recipe.generation.student
+    cfg = ctx.recipe.introspect.monitor
+    monitor = build_monitor(cfg, monitor_prompts(ctx.run, distill.heldout_fraction, distill.seed, cfg.prompts),
+                            tokenizer, ctx.run.path("adapters", STAGE), ctx.run.path(SCORER_FILE), student.sampling,
+                            student.batch_size)
+    if monitor is not None:
+        monitor.base_reference = recorded_base_looping(ctx.run.path("adapters", "distill"))
+    return monitor
+
+
 def run(ctx: StageContext) -> StageResult:
     """SFT a LoRA on data/introspection.jsonl on top of the distilled model; write adapters/introspect/."""
     records = read_jsonl(ctx.run.path(INTROSPECTION_FILE))
@@ -98,7 +112,7 @@ def run(ctx: StageContext) -> StageResult:
     regularisers = push_pull_losses(ctx.recipe, ctx.run, STAGE)
     result = train_sft(ctx.run, records, model, tokenizer, ctx.recipe.introspect, console=ctx.console,
                        extra_losses=regularisers, callbacks=balance_callbacks(regularisers),
-                       base_model=ctx.recipe.models.base)
+                       base_model=ctx.recipe.models.base, monitor=introspect_monitor(ctx, tokenizer))
     final = result["final_metrics"]
     summary = {"examples": result["sequences"], "dropped_too_long": result["dropped_too_long"],
                **training_summary(result), "final_loss": round(final["loss"], 4) if "loss" in final else None}

@@ -24,11 +24,12 @@ from torch import nn
 
 from character_baker.core.config import TrainingConfig
 from character_baker.core.errors import Problem, UserError
-from character_baker.core.runs import RunDir, stable_hash
+from character_baker.core.runs import RunDir, is_adapter_folder, stable_hash
 from character_baker.stages.training import checkpoints, offload
 from character_baker.stages.training.batching import Batch, epoch_batches, micro_batches, steps_per_epoch
 from character_baker.stages.training.fused_lora import fuse_lora_layers
 from character_baker.stages.training.losses import ResponseScorer
+from character_baker.stages.training.monitor import BEST_FOLDER, TrainingMonitor
 from character_baker.stages.training.offload import ActivationOffload, OffloadedAdamW, offload_input_embeddings
 from character_baker.stages.training.reporting import StepReporter, peak_memory_gb, report_to_problems
 
@@ -137,8 +138,10 @@ def training_summary(result: dict[str, Any]) -> dict[str, Any]:
     """The summary keys every training stage reports: steps, resume point, time, a shrunken batch."""
     summary = {"steps": result["steps"], "resumed_from_step": result["resumed_from_step"],
                "train_seconds": round(result["train_seconds"], 1)}
-    if result.get("batch_note"):
-        summary["batch_note"] = result["batch_note"]
+    for key in ("batch_note", "stopped_early_at", "adapter_step", "monitor_base_looping", "monitor_best_step",
+                "monitor_best_persona", "monitor_best_looping"):
+        if result.get(key) is not None:
+            summary[key] = result[key]
     return summary
 
 
@@ -196,10 +199,11 @@ class LoraTrainer:
 
     def __init__(self, cfg: TrainingConfig, objective: Objective, run_dir: RunDir, *, stage: str,
                  extra_losses: Sequence[ExtraLoss] = (), callbacks: Sequence[Callable[[dict], None]] = (),
-                 console: Any = None, base_model: str | None = None):
+                 console: Any = None, base_model: str | None = None, monitor: TrainingMonitor | None = None):
         self.cfg, self.objective, self.run_dir, self.stage = cfg, objective, run_dir, stage
         self.extra_losses, self.callbacks, self.console, self.base_model = list(extra_losses), list(callbacks), console, base_model
         self.stage_dir = run_dir.path("adapters", stage)
+        self.monitor = monitor
 
     # ------------------------------------------------------------------ setup
     def setup(self, model: nn.Module, examples: Sequence[Any], pad_token_id: int) -> None:
@@ -238,6 +242,20 @@ class LoraTrainer:
         self.prepared = self.objective.prepare(self.scorer, self.examples, self.run_dir)
         for extra in self.extra_losses:
             extra.attach(self.peft_model)
+        self._setup_monitor(world_size)
+
+    def _setup_monitor(self, world_size: int) -> None:
+        """Restore the monitor's history up to the resumed step and measure the base model once."""
+        if self.monitor is None:
+            return
+        if world_size > 1:
+            self.reporter.message(f"{self.stage}: monitor off (it answers in one process; this run has {world_size})")
+            self.monitor = None
+            return
+        self.monitor.resume(self.start_step, self.fingerprint)
+        self.monitor.measure_base(self.peft_model, self.monitor.base_reference)
+        self.reporter.message(f"{self.stage}: monitor every {self.monitor.cfg.every} steps on "
+                              f"{len(self.monitor.prompts)} held-out prompts; base looping {self.monitor.base_looping}")
 
     def _setup_accelerator(self, model: nn.Module, world_size: int) -> Any:
         from accelerate import Accelerator
@@ -292,7 +310,8 @@ class LoraTrainer:
         """What a checkpoint must match to be resumed: the data, the objective and the settings that shape the run."""
         settings = self.cfg.model_dump(exclude={"save_steps", "save_total_limit", "report_to", "micro_batch_size",
                                                 "gradient_checkpointing", "logprob_chunk_size", "torch_compile",
-                                                "share_prompt", "offload_activations", "offload_embeddings"})
+                                                "share_prompt", "offload_activations", "offload_embeddings",
+                                                "monitor"})
         extras = [getattr(extra, "fingerprint", extra.name) for extra in self.extra_losses]
         return stable_hash([self.stage, self.objective.name, settings, [getattr(e, "id", "") for e in self.examples],
                             [len(e) for e in self.examples], extras])
@@ -317,18 +336,39 @@ class LoraTrainer:
         self.tokens_trained, self.started = 0, time.perf_counter()
         if self.accelerator.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.accelerator.device)
-        for step in range(self.start_step, self.total_steps):
+        stopped_at = self.start_step if self.monitor and self.monitor.should_stop() else None
+        for step in range(self.start_step, self.total_steps if stopped_at is None else self.start_step):
             record = self._train_step(step)
+            self._monitor_step(record)
             self.reporter.log(record)
             for callback in self.callbacks:
                 callback(record)
             if record["step"] % self.cfg.save_steps == 0 or record["step"] == self.total_steps:
                 self._save_checkpoint(record["step"])
-        self._publish_adapter()
+            if self.monitor and self.monitor.should_stop():
+                stopped_at = record["step"]
+                self.reporter.message(f"{self.stage}: stopping early at step {stopped_at}: the last "
+                                      f"{self.monitor.cfg.patience} checks did not beat step "
+                                      f"{getattr(self.monitor.best(), 'step', None)}")
+                if record["step"] % self.cfg.save_steps:
+                    self._save_checkpoint(record["step"])
+                break
+        kept = self._publish_adapter()
         return {"stage": self.stage, "steps": self.total_steps, "resumed_from_step": self.start_step,
                 "examples": len(self.examples), "tokens_trained": self.tokens_trained, "final_metrics": record,
                 "adapter_path": str(self.stage_dir), "prepare": self.prepared, "batch_note": self.batch_note,
-                "train_seconds": time.perf_counter() - self.started}
+                "train_seconds": time.perf_counter() - self.started, "stopped_early_at": stopped_at,
+                "adapter_step": kept, **(self.monitor.summary() if self.monitor else {})}
+
+    def _monitor_step(self, record: dict[str, Any]) -> None:
+        """A monitor check when one is due: its numbers join the step's record; a new best is saved."""
+        if self.monitor is None or not self.monitor.due(record["step"], self.total_steps):
+            return
+        check = self.monitor.check(self.peft_model, record["step"])
+        record.update(monitor_persona=check.persona, monitor_looping=check.looping, monitor_eligible=check.eligible)
+        if self.monitor.best() is check:
+            model_state, _ = self._trainable_state()
+            checkpoints.publish_adapter(self.monitor.stage_dir / BEST_FOLDER, self.peft_model, model_state)
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         if epoch not in self._batches:
@@ -427,11 +467,22 @@ class LoraTrainer:
                                         rng_states=rng_states, marker=marker, keep=self.cfg.save_total_limit)
         self.accelerator.wait_for_everyone()
 
-    def _publish_adapter(self) -> None:
+    def _publish_adapter(self) -> int | None:
+        """Write the stage's adapter: the best check's (monitor.keep: best, when one is eligible) or the last step's.
+
+        Returns the step whose weights were published (None: the last step's, no monitor)."""
+        best = self.monitor.best() if self.monitor and self.monitor.cfg.keep == "best" else None
+        best_folder = self.stage_dir / BEST_FOLDER
+        if best is not None and is_adapter_folder(best_folder):
+            if self.accelerator.is_main_process:
+                checkpoints.copy_adapter(best_folder, self.stage_dir)
+            self.accelerator.wait_for_everyone()
+            return best.step
         model_state, _ = self._trainable_state()
         if self.accelerator.is_main_process:
             checkpoints.publish_adapter(self.stage_dir, self.peft_model, model_state)
         self.accelerator.wait_for_everyone()
+        return self.monitor.checks[-1].step if self.monitor and self.monitor.checks else None
 
     # ------------------------------------------------------------------ cleanup
     def cleanup(self) -> None:
@@ -445,10 +496,10 @@ class LoraTrainer:
 def run_training(run_dir: RunDir, examples: Sequence[Any], model: nn.Module, cfg: TrainingConfig,
                  objective: Objective, *, stage: str, pad_token_id: int, extra_losses: Sequence[ExtraLoss] = (),
                  callbacks: Sequence[Callable[[dict], None]] = (), console: Any = None,
-                 base_model: str | None = None) -> dict[str, Any]:
+                 base_model: str | None = None, monitor: TrainingMonitor | None = None) -> dict[str, Any]:
     """Train a LoRA adapter on `model` for `objective` over tokenised `examples`; return the summary."""
     trainer = LoraTrainer(cfg, objective, run_dir, stage=stage, extra_losses=extra_losses, callbacks=callbacks,
-                          console=console, base_model=base_model)
+                          console=console, base_model=base_model, monitor=monitor)
     trainer.setup(model, examples, pad_token_id)
     try:
         return trainer.train()
