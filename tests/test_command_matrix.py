@@ -77,6 +77,14 @@ def test_merge(cli):
     assert (RUN / "model" / "config.json").is_file() and list((RUN / "model").glob("*.safetensors"))
 
 
+def test_calibrate(cli):
+    code, out, err = cli("calibrate", str(RUN))
+    assert code == 0, err
+    table = json.loads((RUN / "logs" / "calibration.json").read_text())
+    assert [row["scale"] for row in table["rows"]][0] == 0.0 and table["choice"]["scale"] in table["scales_tried"]
+    assert "chosen scale" in out and (RUN / "model" / "config.json").is_file()
+
+
 def test_export(cli):
     code, out, err = cli("export", str(RUN))
     assert code == 0, err
@@ -165,7 +173,7 @@ def test_train_runs_the_whole_chain(cli, tiny_model_dir):
     assert code == 0, err
     run = Path("fresh") / "pirate"
     manifest = json.loads((run / "manifest.json").read_text())
-    for stage in ("prompts", "distill_data", "distill", "introspect_data", "introspect", "merge", "eval"):
+    for stage in ("prompts", "distill_data", "distill", "introspect_data", "introspect", "merge", "calibrate", "eval"):
         assert manifest["stages"][stage]["status"] == "done", stage
     assert (run / "model" / "config.json").is_file() and (run / "eval" / "report.html").is_file()
     assert f"report: {run / 'eval' / 'report.html'}" in out

@@ -28,10 +28,10 @@ from safetensors.torch import load_file
 from character_baker.core.runs import read_jsonl
 
 PIRATE = Path(__file__).resolve().parent.parent / "constitutions" / "pirate.yaml"
-CHAIN = ["prompts", "distill_data", "distill", "introspect_data", "introspect", "merge", "eval"]
+CHAIN = ["prompts", "distill_data", "distill", "introspect_data", "introspect", "merge", "calibrate", "eval"]
 KILLS = 10
-STORES = ["data/prompts.jsonl", "data/distill.jsonl", "data/distill.filtered.jsonl", "data/introspection.jsonl",
-          "data/introspection.filtered.jsonl"]
+STORES = ["data/prompts.jsonl", "data/distill.candidates.jsonl", "data/distill.jsonl", "data/distill.filtered.jsonl",
+          "data/introspection.jsonl", "data/introspection.filtered.jsonl"]
 LOGS = ["logs/distill.jsonl", "logs/introspect.jsonl"]
 WEIGHTS = ["adapters/distill/adapter_model.safetensors", "adapters/introspect/adapter_model.safetensors",
            "adapters/persona/adapter_model.safetensors", "model/model.safetensors"]

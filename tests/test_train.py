@@ -26,9 +26,11 @@ def tiny_args(model_dir, runs_root):
 
 def test_method_decides_the_chain():
     assert plan_stages(Recipe()) == ["prompts", "distill_data", "distill", "introspect_data", "introspect", "merge",
-                                     "eval"]
+                                     "calibrate", "eval"]
     with_sdft = Recipe(method=["distill", "sdft", "push_pull"])
-    assert plan_stages(with_sdft) == ["prompts", "distill_data", "distill", "profile", "sdft", "merge", "eval"]
+    assert plan_stages(with_sdft) == ["prompts", "distill_data", "distill", "profile", "sdft", "merge", "calibrate",
+                                      "eval"]
+    assert "calibrate" not in plan_stages(Recipe(calibrate={"enabled": False}))
     assert with_push_pull(with_sdft).push_pull.enabled
     with pytest.raises(UserError):
         plan_stages(Recipe(method=["introspect"]))

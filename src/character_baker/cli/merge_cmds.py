@@ -143,6 +143,44 @@ def merge(run: Path = RunArg, constitution: Optional[Path] = ConstitutionOption,
         print_sweep_table(json.loads(ctx.run.path(SWEEP_FILE).read_text(encoding="utf-8")))
 
 
+# ----------------------------------------------------------------------------- calibrate
+def print_calibration(table: dict) -> None:
+    """The calibration sweep as a terminal table, the chosen scale marked, and the rule."""
+    from rich.table import Table
+
+    choice = table["choice"]
+    view = Table(title=f"calibration ({table['prompts']} held-out prompts, {table['mc_items']} MC items)")
+    for column in table["columns"] + ["within tolerance"]:
+        view.add_column(column, justify="right")
+    for row in table["rows"]:
+        cells = ["-" if row.get(c) is None else f"{row[c]:.3g}" for c in table["columns"]]
+        mark = "base" if row["scale"] == 0 else ("yes" if row.get("within_tolerance") else "no")
+        view.add_row(*cells, mark + ("  <- chosen" if row["scale"] == choice["scale"] else ""))
+    console.print(view)
+    status = "" if choice["within_tolerance"] else " (no scale met the tolerances: the smallest is kept)"
+    console.print(f"chosen scale {choice['scale']:g}{status}; rule: {choice['rule']}", markup=False)
+
+
+def calibrate(run: Path = RunArg, constitution: Optional[Path] = ConstitutionOption,
+              sets: Optional[list[str]] = SetOption,
+              scales: Optional[str] = typer.Option(None, "--scales", help="Merge scales to try (calibrate.scales), "
+                                                   "e.g. 0.25,0.5,0.75,1.0."),
+              force: bool = ForceOption) -> None:
+    """Sweep the persona strength on held-out prompts and keep the strongest within tolerance (model/ rewritten)."""
+    import json
+
+    from character_baker.core.runs import adapter_hash
+    from character_baker.stages.merging.calibrate import CALIBRATION_FILE
+
+    ctx = run_context(run, constitution, list(sets or []))
+    if scales:
+        ctx.recipe.calibrate.scales = parse_number_list(scales, "--scales", "0.25,0.5,0.75,1.0")
+    ctx.options["adapters"] = {name: adapter_hash(ctx.run.path("adapters", name)) for name in ctx.recipe.merge.weights}
+    run_stages(ctx, ["calibrate"], force=force)
+    print_calibration(json.loads(ctx.run.path(CALIBRATION_FILE).read_text(encoding="utf-8")))
+    console.print(f"persona adapter: {ctx.run.path('adapters/persona')}", markup=False)
+
+
 # ----------------------------------------------------------------------------- export
 def export(run: Path = RunArg, out: Optional[Path] = typer.Option(None, "--out", help="Destination folder "
                                                                   "(default: RUN/export)."),

@@ -49,6 +49,10 @@ def _print_summary(ctx, outcomes) -> None:
     report = ctx.run.path("eval", "report.html")
     if report.is_file():
         console.print(f"report: {report}", markup=False)
+    calibrated = ctx.run.stage("calibrate").get("summary") or {}
+    if "chosen_scale" in calibrated:
+        note = "" if calibrated["within_tolerance"] else " (no scale met the tolerances: the smallest is kept)"
+        console.print(f"persona strength: merge scale {calibrated['chosen_scale']:g}{note}", markup=False)
     for line in headline_numbers(ctx):
         console.print(line, markup=False, soft_wrap=True)
 

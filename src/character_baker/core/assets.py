@@ -17,6 +17,7 @@ back cannot change what the next caller sees.
 | `trait_words`, `preference_instructions` | traits.json | one-word traits and the 3 revealed-preference conditions |
 | `capability_items` | capability_set.jsonl | short-answer arithmetic and knowledge items with aliases (generative) |
 | `multiple_choice_items` | capability_mc.jsonl | our held-out multiple-choice items: knowledge, arithmetic, commonsense, reading |
+| `calibration_items` | calibration_mc.jsonl | multiple-choice items for choosing the persona strength, disjoint from the above |
 """
 
 from __future__ import annotations
@@ -123,3 +124,8 @@ def multiple_choice_items() -> list[dict]:
     model scores clearly above chance, so a loss of capability shows as a drop.
     """
     return copy.deepcopy(list(_load_jsonl("capability_mc.jsonl")))
+
+
+def calibration_items() -> list[dict]:
+    """Calibration multiple-choice items, same fields as `multiple_choice_items`; disjoint from the held-out set."""
+    return copy.deepcopy(list(_load_jsonl("calibration_mc.jsonl")))

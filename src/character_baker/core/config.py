@@ -308,6 +308,30 @@ class MergeConfig(Section):
     svd_rank: int = Field(64, ge=1, description="Rank of the re-factorised LoRA in svd mode.")
 
 
+class CalibrateConfig(Section):
+    """Choose the persona strength after merge: sweep the merge scale, keep the strongest within tolerance."""
+
+    enabled: bool = Field(True, description="Run the calibrate stage after merge (model/ becomes the chosen scale).")
+    scales: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.25],
+                                description="Merge scales tried (x merge.weights); scale 0, the base model, is "
+                                            "always measured as the reference.")
+    max_looping_increase: float = Field(0.05, ge=0, le=1, description="Largest looping-rate increase over the base "
+                                                                     "model a chosen scale may have.")
+    max_capability_drop: float = Field(0.03, ge=0, le=1, description="Largest drop in MC accuracy (calibration "
+                                                                    "items) below the base model a chosen scale may have.")
+    prompts: int = Field(24, ge=1, description="Held-out prompts answered per scale (never the evaluation set).")
+    kl_prompts: int = Field(8, ge=0, description="Of those, prompts for KL to the base (greedy answers).")
+    max_new_tokens: int = Field(128, ge=1, description="Answer length per prompt.")
+    mc_items: int | None = Field(None, ge=1, description="Calibration MC items scored per scale; None = all shipped.")
+    seed: int = Field(0, description="Sampling seed of the answers (the same at every scale).")
+
+    @model_validator(mode="after")
+    def _positive_scales(self) -> "CalibrateConfig":
+        if not self.scales or any(scale <= 0 for scale in self.scales):
+            raise ValueError("calibrate.scales must be positive numbers -- fix: e.g. [0.25, 0.5, 0.75, 1.0]")
+        return self
+
+
 class EvalConfig(Section):
     """Evaluation sizes and settings. Conditions answer with generation.student's backend and sampling."""
 
@@ -360,6 +384,7 @@ class Recipe(Section):
     push_pull: PushPullConfig = Field(default_factory=PushPullConfig)
     steer: SteerConfig = Field(default_factory=SteerConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
+    calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     def push_pull_joins(self, stage: str) -> bool:

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 from character_baker.core.text import WORD
 
 FEATURE_BUCKETS = 1 << 16
+RUN_FILE = "data/persona_scorer.json"  # where a run keeps its scorer (written by distill's data stage)
 HOLDOUT_SHARE = 0.2
 
 

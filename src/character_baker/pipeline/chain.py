@@ -1,6 +1,6 @@
 """The stage chain behind `train`: which stages a recipe's method runs, in order, and partial runs.
 
-    prompts -> distill_data -> distill -> (profile) -> (sdft) -> introspect_data -> introspect -> merge -> eval
+    prompts -> distill_data -> distill -> (profile) -> (sdft) -> introspect_data -> introspect -> merge -> calibrate -> eval
 
 `method` picks the training stages: `distill` and `introspect` by default; `sdft` adds on-policy
 self-distillation; `push_pull` adds the activation profile and switches the regulariser on in the
@@ -12,7 +12,8 @@ from __future__ import annotations
 from character_baker.core.config import Recipe
 from character_baker.core.errors import UserError
 
-ORDER = ("prompts", "distill_data", "distill", "profile", "sdft", "introspect_data", "introspect", "merge", "eval")
+ORDER = ("prompts", "distill_data", "distill", "profile", "sdft", "introspect_data", "introspect", "merge", "calibrate",
+         "eval")
 METHOD_STAGES = {
     "distill": ("prompts", "distill_data", "distill"),
     "introspect": ("introspect_data", "introspect"),
@@ -24,7 +25,7 @@ ALWAYS = ("merge", "eval")
 
 def plan_stages(recipe: Recipe) -> list[str]:
     """The ordered stage names the recipe's method runs."""
-    wanted = set(ALWAYS)
+    wanted = set(ALWAYS) | ({"calibrate"} if recipe.calibrate.enabled else set())
     for method in recipe.method:
         wanted.update(METHOD_STAGES[method])
     if "introspect" in recipe.method and "distill" not in recipe.method:

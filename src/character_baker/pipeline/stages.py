@@ -47,6 +47,12 @@ def _merge_sweep(ctx: StageContext) -> StageResult:
     return sweep.run(ctx)
 
 
+def _calibrate(ctx: StageContext) -> StageResult:
+    from character_baker.stages.merging import calibrate
+
+    return calibrate.run(ctx)
+
+
 def _eval(ctx: StageContext) -> StageResult:
     from character_baker.stages.evaluation import stage
 
@@ -72,6 +78,9 @@ INTROSPECT = Stage("introspect", _introspect, recipe_sections=("models", "intros
                    upstream=("distill", "introspect_data", "profile"), option_keys=("distill_adapter",))
 MERGE = Stage("merge", _merge, recipe_sections=("models", "merge"), upstream=("distill", "introspect"),
               option_keys=("adapters",))
+# The held-out prompts come from distill's split, so distill's settings are inputs too.
+CALIBRATE = Stage("calibrate", _calibrate, recipe_sections=("models", "merge", "calibrate", "generation", "distill"),
+                  upstream=("merge",), option_keys=("adapters",))
 MERGE_SWEEP = Stage("merge_sweep", _merge_sweep, recipe_sections=("models", "merge"), upstream=("merge",),
                     option_keys=("adapters", "scales", "sweep_prompts", "sweep_tokens"))
 
@@ -93,4 +102,4 @@ PROFILE = Stage("profile", _profile, recipe_sections=("models", "generation", "p
 SDFT = Stage("sdft", _sdft, recipe_sections=("models", "generation", "sdft", "push_pull"), upstream=("prompts", "profile"))
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (PROMPTS, DISTILL_DATA, DISTILL, EVAL, INTROSPECT_DATA, INTROSPECT,
-                                                            MERGE, MERGE_SWEEP, PROFILE, SDFT)}
+                                                            MERGE, CALIBRATE, MERGE_SWEEP, PROFILE, SDFT)}

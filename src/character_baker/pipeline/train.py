@@ -38,7 +38,7 @@ def prepare_stage_options(name: str, ctx: StageContext, planned: list[str]) -> N
     """Set the options a stage's command would set, right before it runs (adapters exist by then)."""
     if name in ("introspect_data", "introspect"):
         ctx.options["distill_adapter"] = adapter_hash(ctx.run.path("adapters", "distill"))
-    elif name == "merge":
+    elif name in ("merge", "calibrate"):
         trained = [stage for stage in ("distill", "introspect", "sdft") if stage in planned]
         ctx.recipe.merge.weights = merge_weights_for_chain(ctx, trained)
         ctx.options["adapters"] = {n: adapter_hash(ctx.run.path("adapters", n)) for n in ctx.recipe.merge.weights}

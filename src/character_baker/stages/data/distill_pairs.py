@@ -33,7 +33,7 @@ from typing import Any, Callable
 from character_baker.core.answers import contains_answer
 from character_baker.core.config import BackendConfig, DistillConfig
 from character_baker.core.degeneration import is_looping, rep_n
-from character_baker.core.persona_scorer import PersonaScorer
+from character_baker.core.persona_scorer import RUN_FILE as SCORER_FILE, PersonaScorer
 from character_baker.core.runs import JsonlStore, atomic_write_json, read_jsonl, stable_hash, write_jsonl_atomic
 from character_baker.core.stage import StageContext, StageResult, nothing_usable_error
 from character_baker.core.system_prompts import persona_system_prompt, thinking_prefill
@@ -42,7 +42,6 @@ from character_baker.core.text import contains_phrase, is_refusal, is_truncated,
 DISTILL_FILE = "data/distill.jsonl"
 FILTERED_FILE = "data/distill.filtered.jsonl"
 CANDIDATES_FILE = "data/distill.candidates.jsonl"
-SCORER_FILE = "data/persona_scorer.json"
 PROMPTS_FILE = "data/prompts.jsonl"
 THINK_OPEN, THINK_CLOSE = "<think>\n", "</think>"
 # Our own follow-ups for prefill-style training conversations; the evaluation's is "Tell me more.".

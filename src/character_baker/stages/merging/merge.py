@@ -68,12 +68,12 @@ def persona_delta(peft_model: Any, cfg: MergeConfig) -> tuple[Delta, dict[str, A
                        "residual_overall": round(residual.overall, 6), "residual_worst_module": round(residual.worst, 6)}
 
 
-def run(ctx: StageContext) -> StageResult:
-    """Combine the adapters of merge.weights into adapters/persona/ (and model/ when folding)."""
+def write_persona(ctx: StageContext, weights: dict[str, float]) -> tuple[list[str], dict[str, Any]]:
+    """Combine the adapters at `weights` into adapters/persona/ (and model/ when folding); (artifacts, summary)."""
     from character_baker.backends.catalogue import atomic_folder
     from character_baker.backends.models import load_model
 
-    cfg = ctx.recipe.merge
+    cfg = ctx.recipe.merge.model_copy(update={"weights": dict(weights)})
     folders = adapter_folders(ctx)
     model, tokenizer = load_model(ctx.recipe.models.base, ctx.recipe.models)
     peft_model = load_adapters(model, folders)
@@ -91,4 +91,10 @@ def run(ctx: StageContext) -> StageResult:
     summary = {"mode": cfg.mode, "weights": dict(cfg.weights),
                "adapter_ranks": {name: adapter_rank(folder) for name, folder in folders.items()},
                "persona_rank": rank, "modules": len(delta), **details}
+    return artifacts, summary
+
+
+def run(ctx: StageContext) -> StageResult:
+    """Combine the adapters of merge.weights into adapters/persona/ (and model/ when folding)."""
+    artifacts, summary = write_persona(ctx, ctx.recipe.merge.weights)
     return StageResult("merge", artifacts=artifacts, summary=summary)

@@ -14,7 +14,9 @@ from character_baker.core.runs import read_jsonl
 from character_baker.core.stage import StageContext, StageResult
 from character_baker.stages.training.dpo import evaluate_pairs, train_dpo
 from character_baker.stages.training.push_pull import balance_callbacks, push_pull_losses
-from character_baker.stages.training.monitor import SCORER_FILE, build_monitor, monitor_prompts, split_heldout
+from character_baker.core.heldout import held_out_prompts, split_heldout
+from character_baker.core.persona_scorer import RUN_FILE as SCORER_FILE
+from character_baker.stages.training.monitor import build_monitor
 from character_baker.stages.training.trainer import training_summary
 
 DISTILL_FILE = "data/distill.jsonl"
@@ -51,7 +53,7 @@ def run(ctx: StageContext) -> StageResult:
     model, tokenizer = load_model(ctx.recipe.models.base, ctx.recipe.models)
     regularisers = push_pull_losses(ctx.recipe, ctx.run, STAGE)
     student = ctx.recipe.generation.student
-    monitor = build_monitor(cfg.monitor, monitor_prompts(ctx.run, cfg.heldout_fraction, cfg.seed, cfg.monitor.prompts),
+    monitor = build_monitor(cfg.monitor, held_out_prompts(ctx.run, cfg.heldout_fraction, cfg.seed, cfg.monitor.prompts),
                             tokenizer, ctx.run.path("adapters", STAGE), ctx.run.path(SCORER_FILE), student.sampling,
                             student.batch_size)
     result = train_dpo(ctx.run, train, model, tokenizer, cfg, stage=STAGE, console=ctx.console,

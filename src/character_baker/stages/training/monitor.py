@@ -21,21 +21,16 @@ one when there is no scorer); its adapter is saved in `adapters/<stage>/best/`, 
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from character_baker.core import assets
 from character_baker.core.config import MonitorConfig, SamplingConfig
 from character_baker.core.degeneration import is_looping
 from character_baker.core.persona_scorer import PersonaScorer
-from character_baker.core.runs import RunDir, atomic_write_json, read_jsonl, stable_hash
+from character_baker.core.runs import atomic_write_json, stable_hash
 
 MONITOR_FILE = "monitor.json"
-DISTILL_FILE = "data/distill.jsonl"
-PROMPTS_FILE = "data/prompts.jsonl"
-SCORER_FILE = "data/persona_scorer.json"
 BEST_FOLDER = "best"
 
 
@@ -142,28 +137,6 @@ class TrainingMonitor:
                 "monitor_best_step": best.step if best else None,
                 "monitor_best_persona": best.persona if best else None,
                 "monitor_best_looping": best.looping if best else None}
-
-
-def split_heldout(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) split of distill records by prompt id, so no held-out prompt is seen in training."""
-    prompt_ids = sorted({r["prompt_id"] for r in records})
-    count = int(len(prompt_ids) * fraction)
-    if fraction > 0 and len(prompt_ids) >= 2:
-        count = max(count, 1)
-    heldout_ids = set(random.Random(seed).sample(prompt_ids, count))
-    return ([r for r in records if r["prompt_id"] not in heldout_ids],
-            [r for r in records if r["prompt_id"] in heldout_ids])
-
-
-def monitor_prompts(run: RunDir, fraction: float, seed: int, count: int) -> list[str]:
-    """Prompts no training stage sees: distill's held-out prompts, then shipped general prompts this run lacks."""
-    records = read_jsonl(run.path(DISTILL_FILE))
-    _, heldout = split_heldout(records, fraction, seed)
-    texts = list(dict.fromkeys(r["messages"][0]["content"] for r in heldout if len(r["messages"]) == 1))
-    used = {r.get("asset_id") for r in read_jsonl(run.path(PROMPTS_FILE))}
-    spare = [item["prompt"] for item in assets.general_prompts() if item["id"] not in used]
-    random.Random(seed).shuffle(spare)
-    return (texts + spare)[:count]
 
 
 def _looping_rate(answers: Sequence[str]) -> float:

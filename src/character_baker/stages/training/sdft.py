@@ -46,7 +46,9 @@ from character_baker.core.stage import StageContext, StageResult
 from character_baker.core.system_prompts import persona_system_prompt
 from character_baker.stages.training.batching import Batch, collate_sequences
 from character_baker.stages.training.losses import chunked_over_tokens, row_sums, tokens_per_row
-from character_baker.stages.training.monitor import SCORER_FILE, build_monitor, monitor_prompts
+from character_baker.core.heldout import held_out_prompts
+from character_baker.core.persona_scorer import RUN_FILE as SCORER_FILE
+from character_baker.stages.training.monitor import build_monitor
 from character_baker.stages.training.push_pull import balance_callbacks, push_pull_losses
 from character_baker.stages.training.tokenize import TokenizedSequence, render_ids, tokenize_conversation
 from character_baker.stages.training.trainer import run_training, sum_counts, training_summary
@@ -278,7 +280,7 @@ def run(ctx: StageContext) -> StageResult:
                               name="sdft" + "".join(f"+{r.name}" for r in regularisers))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # SDFT samples from every prompt of the run, so its monitor answers shipped prompts the run does not use.
-    monitor = build_monitor(cfg.monitor, monitor_prompts(ctx.run, 0.0, cfg.seed, cfg.monitor.prompts), tokenizer,
+    monitor = build_monitor(cfg.monitor, held_out_prompts(ctx.run, 0.0, cfg.seed, cfg.monitor.prompts), tokenizer,
                             ctx.run.path("adapters", "sdft"), ctx.run.path(SCORER_FILE), sampling, student.batch_size)
     summary = run_training(ctx.run, examples, model, cfg, objective, stage="sdft", pad_token_id=pad,
                            extra_losses=regularisers, callbacks=balance_callbacks(regularisers), console=ctx.console,

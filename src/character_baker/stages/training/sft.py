@@ -25,7 +25,9 @@ from character_baker.core.runs import RunDir, read_jsonl
 from character_baker.core.stage import StageContext, StageResult
 from character_baker.stages.training.batching import Batch, collate_sequences
 from character_baker.stages.training.push_pull import balance_callbacks, push_pull_losses
-from character_baker.stages.training.monitor import SCORER_FILE, build_monitor, monitor_prompts, recorded_base_looping
+from character_baker.core.heldout import held_out_prompts
+from character_baker.core.persona_scorer import RUN_FILE as SCORER_FILE
+from character_baker.stages.training.monitor import build_monitor, recorded_base_looping
 from character_baker.stages.training.tokenize import TokenizedSequence, tokenize_conversations
 from character_baker.stages.training.trainer import ExtraLoss, run_training, sum_counts, training_summary
 
@@ -93,7 +95,7 @@ def introspect_monitor(ctx: StageContext, tokenizer: Any) -> Any:
     """The introspect stage's monitor: distill's held-out prompts, judged against the base model's looping."""
     distill, student = ctx.recipe.distill, ctx.recipe.generation.student
     cfg = ctx.recipe.introspect.monitor
-    monitor = build_monitor(cfg, monitor_prompts(ctx.run, distill.heldout_fraction, distill.seed, cfg.prompts),
+    monitor = build_monitor(cfg, held_out_prompts(ctx.run, distill.heldout_fraction, distill.seed, cfg.prompts),
                             tokenizer, ctx.run.path("adapters", STAGE), ctx.run.path(SCORER_FILE), student.sampling,
                             student.batch_size)
     if monitor is not None:
