@@ -40,7 +40,7 @@ def test_distinct_n_pools_the_answer_set():
 
 def test_summary_has_every_measure_with_n_and_interval():
     summary = degeneration.degeneration_summary([MAT, APPLES, YES, AYE], ["length", "stop", "stop", "length"],
-                                                [40, 9, 3, 12], resamples=50, seed=1)
+                                                [40, 9, 3, 12])
     assert summary["looping_rate"] == {"value": 0.5, "n": 4, "ci": list(wilson_interval(2, 4)), "se": 0.25}
     rep_4 = summary["rep_4"]
     assert rep_4["value"] == pytest.approx((0.6 + 0.0 + 2 / 3) / 3) and rep_4["n"] == 3  # YES has no 4-gram
@@ -54,3 +54,16 @@ def test_summary_has_every_measure_with_n_and_interval():
     bare = degeneration.degeneration_summary([APPLES])
     assert "at_token_limit" not in bare and "mean_tokens" not in bare and bare["looping_rate"]["value"] == 0.0
     assert degeneration.degeneration_summary([])["looping_rate"]["value"] is None
+
+
+def test_jackknife_of_a_mean_is_the_usual_standard_error_and_distinct_intervals_straddle_the_value():
+    from character_baker.core.stats import jackknife_estimate, mean_estimate
+
+    values = [1.0, 2.0, 3.0, 4.0]
+    jack = jackknife_estimate(values, lambda sample: sum(sample) / len(sample))
+    assert jack.value == 2.5 and jack.se == pytest.approx(mean_estimate(values).se)
+    assert jackknife_estimate([5.0], lambda sample: sample[0]).ci is None
+    summary = degeneration.degeneration_summary([MAT, APPLES, YES, AYE, "the sea is wide and blue today"])
+    low, high = summary["distinct_1"]["ci"]
+    assert 0.0 <= low < summary["distinct_1"]["value"] < high <= 1.0
+    assert summary["rep_4"]["ci"][0] >= 0.0  # shares stay in [0, 1]

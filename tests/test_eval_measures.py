@@ -173,7 +173,7 @@ def test_degeneration_of_every_answer_set_and_the_pooled_splits():
     fine = Completion("The tide turns twice a day.", 5, 9, "stop")
     sets = {"plain": [loop, fine], **{f"break-{i}": [fine] for i in range(8)}, "prefill": [loop]}
     sets["break-3"] = [loop]
-    result = measure_degeneration(sets, resamples=20, seed=0)
+    result = measure_degeneration(sets)
     assert list(result) == ["plain", *[f"break-{i}" for i in range(8)], "break", "prefill"]
     assert result["plain"]["looping_rate"]["value"] == 0.5 and result["plain"]["at_token_limit"]["value"] == 0.5
     assert result["break"]["looping_rate"]["value"] == pytest.approx(1 / 8) and result["break"]["looping_rate"]["n"] == 8

@@ -78,11 +78,11 @@ def _token_logprobs(model: Any, hidden: "torch.Tensor", targets: "torch.Tensor",
     head = model.get_output_embeddings()
     weight, bias = head.weight, getattr(head, "bias", None)
     cap = getattr(model.config, "final_logit_softcapping", None)
-    hidden = hidden.to(weight.dtype)
+    hidden = hidden.float()  # float32 logits whatever the model dtype: exact sums over a large vocabulary
     running = torch.full((hidden.shape[0],), float("-inf"), device=hidden.device)
     picked = torch.zeros(hidden.shape[0], device=hidden.device)
     for start in range(0, weight.shape[0], vocab_chunk):
-        logits = (hidden @ weight[start:start + vocab_chunk].T).float()
+        logits = hidden @ weight[start:start + vocab_chunk].float().T
         if bias is not None:
             logits = logits + bias[start:start + vocab_chunk].float()
         if cap:

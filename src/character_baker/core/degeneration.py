@@ -7,8 +7,8 @@ answer set as an estimate `{value, n, ci}`:
 | measure | definition | interval |
 |---|---|---|
 | looping_rate | share of answers in which some word 4-gram occurs 3 or more times (ours) | Wilson |
-| rep_2, rep_4 | seq-rep-n of Welleck et al. 2019, per answer, averaged over answers (see `rep_n`) | normal |
-| distinct_1, distinct_2 | distinct-n of Li et al. 2016 over the whole answer set (see `distinct_n`) | bootstrap over answers |
+| rep_2, rep_4 | seq-rep-n of Welleck et al. 2019, per answer, averaged over answers (see `rep_n`) | normal, in [0, 1] |
+| distinct_1, distinct_2 | distinct-n of Li et al. 2016 over the whole answer set (see `distinct_n`) | jackknife over answers |
 | at_token_limit | share of answers that stopped at the token limit (finish reason "length") | Wilson |
 | mean_words | mean answer length in words | normal |
 | mean_tokens | mean answer length in model tokens (when the counts are known) | normal |
@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Sequence
 
-from character_baker.core.stats import Estimate, bootstrap_interval, empty_estimate, mean_estimate, proportion
+from character_baker.core.stats import jackknife_estimate, mean_estimate, proportion
 from character_baker.core.text import word_ngrams, word_tokens
 
 LOOP_NGRAM, LOOP_REPEATS = 4, 3
@@ -59,26 +59,17 @@ def distinct_n(texts: Sequence[str], n: int) -> float | None:
     return len(set(grams)) / len(grams) if grams else None
 
 
-def _distinct_estimate(texts: Sequence[str], n: int, resamples: int, seed: int) -> Estimate:
-    value = distinct_n(texts, n)
-    if value is None:
-        return empty_estimate()
-    interval = bootstrap_interval(list(texts), lambda sample: distinct_n(sample, n), resamples, seed)
-    return Estimate(value=value, n=len(texts), ci=interval)
-
-
 def degeneration_summary(texts: Sequence[str], finish_reasons: Sequence[str] | None = None,
-                         token_counts: Sequence[int] | None = None, *, resamples: int = 200,
-                         seed: int = 0) -> dict[str, dict[str, Any]]:
+                         token_counts: Sequence[int] | None = None) -> dict[str, dict[str, Any]]:
     """Every degeneration measure of one answer set (see the module docstring), each {value, n, ci}."""
     texts = list(texts)
     out: dict[str, dict[str, Any]] = {
         "looping_rate": proportion(sum(is_looping(t) for t in texts), len(texts)).to_dict()}
     for n in REP_NS:
         values = [v for v in (rep_n(t, n) for t in texts) if v is not None]
-        out[f"rep_{n}"] = mean_estimate(values).to_dict()
+        out[f"rep_{n}"] = mean_estimate(values, bounds=(0.0, 1.0)).to_dict()
     for n in DISTINCT_NS:
-        out[f"distinct_{n}"] = _distinct_estimate(texts, n, resamples, seed).to_dict()
+        out[f"distinct_{n}"] = jackknife_estimate(texts, lambda sample, n=n: distinct_n(sample, n), (0.0, 1.0)).to_dict()
     if finish_reasons is not None:
         out["at_token_limit"] = proportion(sum(r == "length" for r in finish_reasons), len(finish_reasons)).to_dict()
     out["mean_words"] = mean_estimate([float(len(word_tokens(t))) for t in texts]).to_dict()

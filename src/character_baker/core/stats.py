@@ -3,6 +3,7 @@
     proportion(7, 10)            share with a Wilson 95% interval
     win_rate(7, 10)              share with its standard error sqrt(p(1-p)/n) and p +- 1.96 SE
     mean_estimate([...])         mean, standard error, normal interval
+    jackknife_estimate(...)      a pooled statistic with a leave-one-out standard error and normal interval
     bootstrap_interval(...)      percentile interval of any statistic over resampled items
     f1_score / macro_f1          classifier quality
     elo_ratings / elo_shuffled   Elo from `start` with factor K; averaged over shuffled match orders
@@ -73,8 +74,8 @@ def win_rate(wins: float, n: int) -> Estimate:
     return Estimate(value=p, n=n, ci=(max(0.0, p - Z95 * se), min(1.0, p + Z95 * se)), se=se)
 
 
-def mean_estimate(values: Sequence[float]) -> Estimate:
-    """Mean with standard error (sample sd / sqrt n) and a normal 95% interval; one value has no interval."""
+def mean_estimate(values: Sequence[float], bounds: tuple[float, float] | None = None) -> Estimate:
+    """Mean with standard error (sample sd / sqrt n) and a normal 95% interval (clipped to `bounds`); one value has none."""
     n = len(values)
     if n == 0:
         return empty_estimate()
@@ -83,7 +84,33 @@ def mean_estimate(values: Sequence[float]) -> Estimate:
         return Estimate(value=mean, n=1, ci=None)
     variance = sum((v - mean) ** 2 for v in values) / (n - 1)
     se = math.sqrt(variance / n)
-    return Estimate(value=mean, n=n, ci=(mean - Z95 * se, mean + Z95 * se), se=se)
+    return Estimate(value=mean, n=n, ci=_clip((mean - Z95 * se, mean + Z95 * se), bounds), se=se)
+
+
+def _clip(interval: tuple[float, float], bounds: tuple[float, float] | None) -> tuple[float, float]:
+    if bounds is None:
+        return interval
+    return max(bounds[0], interval[0]), min(bounds[1], interval[1])
+
+
+def jackknife_estimate(items: Sequence[Item], statistic: Callable[[Sequence[Item]], float | None],
+                       bounds: tuple[float, float] | None = None) -> Estimate:
+    """A statistic of the whole sample with its leave-one-out jackknife standard error and normal 95% interval.
+
+    For statistics of a pooled sample (e.g. distinct n-grams over all answers) a bootstrap
+    misleads: resampling with replacement duplicates items, which can only lower such a ratio.
+    """
+    value = statistic(items) if items else None
+    if value is None:
+        return empty_estimate()
+    n = len(items)
+    left_out = [statistic(list(items[:i]) + list(items[i + 1:])) for i in range(n)] if n > 1 else []
+    left_out = [v for v in left_out if v is not None]
+    if len(left_out) < 2:
+        return Estimate(value=value, n=n, ci=None)
+    centre = sum(left_out) / len(left_out)
+    se = math.sqrt((len(left_out) - 1) / len(left_out) * sum((v - centre) ** 2 for v in left_out))
+    return Estimate(value=value, n=n, ci=_clip((value - Z95 * se, value + Z95 * se), bounds), se=se)
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:

@@ -19,15 +19,15 @@ if TYPE_CHECKING:
 POOLED_BREAK = "break"
 
 
-def answer_set_degeneration(completions: Sequence["Completion"], resamples: int, seed: int) -> dict[str, Any]:
+def answer_set_degeneration(completions: Sequence["Completion"]) -> dict[str, Any]:
     """Every degeneration measure of one answer set."""
     return degeneration_summary([c.text for c in completions], [c.finish_reason for c in completions],
-                                [c.completion_tokens for c in completions], resamples=resamples, seed=seed)
+                                [c.completion_tokens for c in completions])
 
 
-def measure_degeneration(sets: dict[str, Sequence["Completion"]], resamples: int, seed: int) -> dict[str, Any]:
+def measure_degeneration(sets: dict[str, Sequence["Completion"]]) -> dict[str, Any]:
     """Per answer set (and the break splits pooled): the degeneration measures."""
     pooled = [c for name in break_split_ids() for c in sets.get(name, [])]
     named = {**sets, POOLED_BREAK: pooled}
     order = ["plain", *break_split_ids(), POOLED_BREAK, "prefill"]
-    return {name: answer_set_degeneration(named[name], resamples, seed) for name in order if name in named}
+    return {name: answer_set_degeneration(named[name]) for name in order if name in named}

@@ -146,7 +146,7 @@ def _degeneration(report: dict[str, Any]) -> str:
                     "words", "tokens"], rows)
             + '<p class="note">Looping: share of answers with a word 4-gram said 3+ times. rep-n: Welleck et al. '
               "(2019) seq-rep-n, 1 - unique/all n-grams of an answer, averaged. distinct-n: Li et al. (2016), "
-              "distinct/all n-grams over the whole answer set (bootstrap interval).</p>")
+              "distinct/all n-grams over the whole answer set (jackknife interval).</p>")
 
 
 def _identity_safety(report: dict[str, Any]) -> str:

@@ -88,7 +88,7 @@ def _per_condition(ctx: StageContext, conditions: ConditionSet, prompts: PromptS
         ctx.log(f"[eval] measuring '{condition.name}'")
         name = condition.name
         results["robustness"][name] = measure_robustness(sets[name], persona_classifier)
-        results["degeneration"][name] = degeneration.measure_degeneration(sets[name], cfg.bootstrap, cfg.seed)
+        results["degeneration"][name] = degeneration.measure_degeneration(sets[name])
         results["preferences"][name] = preferences.measure_preferences(condition, prompts.preference, judge, cfg,
                                                                        sampling)
         results["capability"][name] = {
