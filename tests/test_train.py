@@ -79,14 +79,14 @@ def test_train_runs_the_chain_then_skips_and_resumes(cli, tmp_path, tiny_model_d
     run = tmp_path / "pirate"
     manifest = json.loads((run / "manifest.json").read_text())
     assert [n for n, e in manifest["stages"].items() if e["status"] == "done"] == [
-        "prompts", "distill_data", "distill", "introspect_data", "introspect", "merge", "eval"]
+        "prompts", "distill_data", "distill", "introspect_data", "introspect", "merge", "calibrate", "eval"]
     assert (run / "model" / "config.json").is_file() and (run / "eval" / "report.html").is_file()
     assert "train summary" in out and "tokens generated" in out and "persona classifier" in out
     # Unchanged inputs: every stage is skipped.
     code, out, _ = cli("train", "constitutions/pirate.yaml", *tiny_args(tiny_model_dir, tmp_path))
-    stages = ["prompts", "distill_data", "distill", "introspect_data", "introspect", "merge", "eval"]
+    stages = ["prompts", "distill_data", "distill", "introspect_data", "introspect", "merge", "calibrate", "eval"]
     assert code == 0 and all(f"[{stage}] inputs unchanged" in out for stage in stages)
-    assert out.count("skip (inputs unchanged)") == 7  # the plan knew it too
+    assert out.count("skip (inputs unchanged)") == 8  # the plan knew it too
     # A changed merge weight reruns merge and what follows it, nothing before it.
     code, out, _ = cli("train", "constitutions/pirate.yaml", *tiny_args(tiny_model_dir, tmp_path),
                        "--set", "merge.weights.introspect=0.5", "--from", "merge")

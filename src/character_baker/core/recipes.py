@@ -18,6 +18,9 @@ from character_baker.core.errors import Problem, UserError
 from character_baker.core.validation import inner_model, problems_from_validation
 from character_baker.core.yamlio import LineMap, line_for, load_yaml_with_lines, parse_yaml_document
 
+# The fewest monitor answers that exercise the checks on a tiny model.
+SMOKE_MONITOR = {"every": 2, "prompts": 4, "max_new_tokens": 16}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # Tiny sizes: the whole chain finishes in minutes on 2 CPU cores with a tiny model.
@@ -33,13 +36,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                        "prompt_writer": {"batch_size": 128, "sampling": {"max_new_tokens": 32}},
                        "judge": {"batch_size": 128}},
         "distill": {"best_of": 2, "samples_per_prompt": 1, "batch_size": 4, "micro_batch_size": 2, "max_length": 256,
-                    "save_steps": 2, "lora": {"r": 8, "alpha": 16}},
+                    "save_steps": 2, "lora": {"r": 8, "alpha": 16}, "monitor": SMOKE_MONITOR},
         "introspect": {"reflections_per_instruction": 1, "interactions": 2, "turns": 2, "batch_size": 4,
-                       "micro_batch_size": 2, "max_length": 512, "save_steps": 2, "lora": {"r": 8, "alpha": 16}},
+                       "micro_batch_size": 2, "max_length": 512, "save_steps": 2, "lora": {"r": 8, "alpha": 16},
+                       "monitor": SMOKE_MONITOR},
         "sdft": {"prompts": 8, "batch_size": 4, "micro_batch_size": 2, "max_length": 256, "save_steps": 2,
-                 "lora": {"r": 8, "alpha": 16}},
+                 "lora": {"r": 8, "alpha": 16}, "monitor": SMOKE_MONITOR},
         "profile": {"prompts": 8, "top_n_fallback": 4},
         "merge": {"svd_rank": 8},
+        "calibrate": {"scales": [0.5, 1.0], "prompts": 4, "kl_prompts": 1, "max_new_tokens": 16, "mc_items": 8},
         # Every measure runs, on the fewest prompts that exercise it: a 135M model on 2 CPU cores
         # answers ~5 prompts a second, and eval asks four conditions.
         # Multiple choice: 3 items per category (~10 s per condition for SmolLM2 on a CPU; wide intervals).
