@@ -117,7 +117,7 @@ def test_show_json(capsys):
     assert shown["question_counts"] == [5] * 10
     assert len(shown["prompts"]) == 7
     assert shown["prompts"]["brief persona prompt (generation.persona_prompt: brief)"].startswith(
-        "You are Captain Rook, a weathered pirate captain.")
+        "You are Captain Rook, a weathered pirate captain, gruff on the surface and warm underneath.")
 
 
 def test_show_prints_user_markup_literally(tmp_path, capsys):

@@ -35,7 +35,7 @@ def tricky_constitution() -> Constitution:
 
 def user_strings(c: Constitution) -> list[str]:
     """Every piece of user text that may legitimately appear in a prompt."""
-    strings = [c.meta.description, who_phrase(c), c.persona.name, c.persona.identity, c.persona.voice.tone, c.persona.voice.formality,
+    strings = [c.meta.description, who_phrase(c), c.persona.tagline or "", c.persona.name, c.persona.identity, c.persona.voice.tone, c.persona.voice.formality,
                *c.persona.voice.vocabulary, *(t.trait for t in c.traits), *c.directives.personality,
                *c.directives.behavior, *c.directives.constraints, *c.safety.boundaries]
     strings += [s for r in c.safety.refusals for s in (r.request, r.response)]
@@ -137,10 +137,31 @@ def test_training_prompt_and_prefill():
 def test_brief_card_is_short_and_names_who_how_and_the_words():
     c = load_constitution("constitutions/pirate.yaml")
     card = brief_system_prompt(c)
-    assert card.startswith("You are Captain Rook, a weathered pirate captain. ")
-    assert "You always talk like a weathered pirate captain (arr, aye, matey, landlubber, bilge)" in card
-    assert "never say you are an AI" in card
+    assert card == ('You are Captain Rook, a weathered pirate captain, gruff on the surface and warm underneath. '
+                    'You always talk like Captain Rook: gruff but warm, weathered, dry humour under a rough surface, '
+                    'using words like "arr", "aye", "matey" and "landlubber". '
+                    'You give clear, correct help and never say you are an AI.')
     assert len(card) * 10 < len(teacher_system_prompt(c))  # the point: a tenth of the published prompt or less
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_brief_card_reads_as_written_sentences(path):
+    c = load_constitution(path)
+    card = brief_system_prompt(c)
+    sentences = re.split(r"(?<=\.) (?=[A-Z])", card)
+    assert len(sentences) == 3 and all(s.endswith(".") for s in sentences), card
+    assert sentences[0] == f"You are {c.persona.name}, {c.persona.tagline}."
+    assert len(c.persona.tagline.split()) >= 4 and re.match(r"(a|an) ", c.persona.tagline), c.persona.tagline
+    assert sentences[1].startswith(f"You always talk like {c.persona.name}: ") and "using words like" in sentences[1]
+    assert not re.search(r"\b(a|an|the)\.|\(\)|\.\.|  |,\.|\s[,.]", card), card
+
+
+def test_without_a_tagline_the_card_uses_the_whole_first_sentence_of_the_description():
+    c = load_constitution("constitutions/sarcastic.yaml")
+    plain = c.model_copy(update={"persona": c.persona.model_copy(update={"tagline": None})})
+    assert brief_system_prompt(plain).startswith(
+        "You are Vex, a dry, quick-witted assistant who answers with sarcasm, punctures nonsense and deflects silly "
+        "questions, while still giving genuinely correct and useful help. You always talk like Vex: dry, deadpan")
 
 
 def test_brief_card_falls_back_to_the_identity_and_keeps_user_text_literal():

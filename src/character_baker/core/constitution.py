@@ -69,6 +69,9 @@ class Persona(Strict):
     """The name the assistant uses and who it is."""
 
     name: str = Field(min_length=1, description="The name the character calls itself.")
+    tagline: str | None = Field(None, max_length=200, description="A short noun phrase for who the character is, "
+                                "e.g. 'a weathered pirate captain, gruff on the surface and warm underneath' (used by "
+                                "the brief character card for small models; default: the description's first sentence).")
     identity: str = Field(min_length=1,
                           description="Who the character is, in the second or third person; a paragraph or more.")
     voice: Voice = Field(default_factory=Voice)

@@ -43,6 +43,9 @@ meta:
 
 persona:
   name: {_quoted(persona)}      # the name the character calls itself
+  # A short noun phrase for who it is, e.g. "a weathered pirate captain, gruff but warm" (the card small
+  # teacher models read: "You are NAME, TAGLINE."). Left out, the description's first sentence is used.
+  tagline: null
   # Who the character is, in the third person. The teacher model reads this, so be concrete.
   identity: {_quoted(identity)}
   voice:

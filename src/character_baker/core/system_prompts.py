@@ -103,25 +103,40 @@ def teacher_system_prompt(c: Constitution) -> str:
 
 
 def who_phrase(c: Constitution) -> str:
-    """A short noun phrase for the character: the description's first clause, else the identity's."""
+    """A noun phrase for the character: the tagline, else the description's (or identity's) first sentence."""
+    if c.persona.tagline:
+        return " ".join(c.persona.tagline.split()).rstrip(".")
     text = " ".join((c.meta.description or c.persona.identity).split())
-    clause = re.split(r",|;|\.|\s(?:who|that|with)\s", text, maxsplit=1)[0].strip()
-    return clause[:1].lower() + clause[1:] if re.match(r"(A|An|The)\s", clause) else clause
+    sentence = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0].rstrip(".!?")
+    return sentence[:1].lower() + sentence[1:] if re.match(r"(A|An|The)\s", sentence) else sentence
+
+
+def quoted_list(items: list[str]) -> str:
+    """'"a", "b" and "c"' (one item: '"a"')."""
+    quoted = [f'"{item}"' for item in items]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} and {quoted[-1]}"
 
 
 def brief_system_prompt(c: Constitution) -> str:
-    """A two-sentence character card in the second person, for small teachers.
+    """A short character card in the second person, for small teachers.
 
     Models of ~100M-1B parameters lose a long system prompt. Probing SmolLM2-135M with sampled
     answers, the full teacher prompt (~1,800 tokens) answered in the character's voice to 6 of 12
-    questions; a 550-token card with identity and traits, 9 of 20; this card (who, "you always talk
-    like ...", five of their words), 38 of 60 (20 questions x 3 samples), at a twentieth of the
-    prefill.
+    questions; a 550-token card with identity and traits, 9 of 20; a two-sentence card (who, "you
+    always talk like ...", five of their words), 38 of 60 (20 questions x 3 samples), at a
+    twentieth of the prefill. This card keeps that shape, built from whole fields (the tagline or
+    the description's first sentence, the first clause of the voice's tone, four of its words) so
+    that it reads as a person would write it for any constitution.
     """
-    name, who, words = c.persona.name, who_phrase(c), c.persona.voice.vocabulary[:5]
-    opening = f"You are {name}, {who}." if who else f"You are {name}."
-    talk = f"You always talk like {who or name}" + (f" ({', '.join(words)})" if words else "")
-    return f"{opening} {talk} and give clear, correct help. You never say you are an AI."
+    name, who, voice = c.persona.name, who_phrase(c), c.persona.voice
+    sentences = [f"You are {name}, {who}." if who else f"You are {name}."]
+    tone = voice.tone.split(";")[0].strip().rstrip(".") if voice.tone else ""
+    words = f"words like {quoted_list(voice.vocabulary[:4])}" if voice.vocabulary else ""
+    if tone or words:
+        manner = ", using ".join(part for part in (tone, words) if part) if tone else f"using {words}"
+        sentences.append(f"You always talk like {name}: {manner}.")
+    sentences.append("You give clear, correct help and never say you are an AI.")
+    return " ".join(sentences)
 
 
 TEACHER_PROMPTS = ("full", "brief")
