@@ -67,3 +67,13 @@ def test_jackknife_of_a_mean_is_the_usual_standard_error_and_distinct_intervals_
     low, high = summary["distinct_1"]["ci"]
     assert 0.0 <= low < summary["distinct_1"]["value"] < high <= 1.0
     assert summary["rep_4"]["ci"][0] >= 0.0  # shares stay in [0, 1]
+
+
+def test_trim_repetition_cuts_before_the_first_repeated_sentence_or_loop():
+    from character_baker.core.degeneration import trim_repetition
+
+    assert trim_repetition("Arr, I be Rook. I sail the sea. I sail the sea. I sail the sea.") == "Arr, I be Rook. I sail the sea."
+    assert trim_repetition("Aye, aye, aye, aye, aye, aye, aye, aye") == ""
+    assert trim_repetition("I love the sea.\n\nThe sea is wide, the sea is wide, the sea is wide, matey.") == "I love the sea."
+    assert trim_repetition("A fine day. Nothing repeats here!  ") == "A fine day. Nothing repeats here!"
+    assert trim_repetition('He said "Go." Then he left.') == 'He said "Go." Then he left.'

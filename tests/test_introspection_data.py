@@ -74,7 +74,9 @@ def stage_context(tmp_path: Path, model_dir: Path, fake: FakeDistilled, **intros
 
 def test_reflections_and_self_interactions_reach_the_model_and_the_data_correctly(tmp_path, tiny_model_dir):
     fake = FakeDistilled()
-    ctx = stage_context(tmp_path, tiny_model_dir, fake, reflections_per_instruction=2, interactions=6, turns=4)
+    # The stop rule is off here so that every filter sees its scripted case (it is tested below).
+    ctx = stage_context(tmp_path, tiny_model_dir, fake, reflections_per_instruction=2, interactions=6, turns=4,
+                        trim_repetition="false")
     result = introspection.run(ctx)
     name = ctx.constitution.persona.name
 
@@ -153,3 +155,17 @@ def test_introspect_command_end_to_end_on_the_tiny_model(tmp_path, cli, tiny_mod
     assert read_jsonl(tmp_path / "run" / "logs" / "introspect.jsonl")
     code, out, _ = cli(*args)
     assert code == 0 and out.count("inputs unchanged") == 2
+
+
+def test_the_stop_rule_keeps_the_clean_opening_of_a_repeating_answer(tmp_path, tiny_model_dir, monkeypatch):
+    repeating = "Aye, I sail by the stars. I love the open sea. I love the open sea. I love the open sea."
+    monkeypatch.setitem(SCRIPTED, "daily_conduct", repeating)
+    monkeypatch.setitem(SCRIPTED, "backstory", "the sea the sea the sea " * 12)  # loops from its first words
+    ctx = stage_context(tmp_path, tiny_model_dir, FakeDistilled(), reflections_per_instruction=1, interactions=2,
+                        turns=2)
+    result = introspection.run(ctx)
+    topics = {r["provenance"]["topic"]: r for r in read_jsonl(ctx.run.path(introspection.INTROSPECTION_FILE))
+              if r["kind"] == "reflection"}
+    assert topics["daily_conduct"]["messages"][1]["content"] == "Aye, I sail by the stars. I love the open sea."
+    dropped = {r["provenance"]["topic"]: r["reason"] for r in read_jsonl(ctx.run.path(introspection.FILTERED_FILE))}
+    assert dropped["backstory"] == "empty" and "repetition" not in result.summary["filters"]

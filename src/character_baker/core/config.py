@@ -240,6 +240,10 @@ class IntrospectConfig(TrainingConfig):
         description="Introspection filters switched on; each drop is counted in the stage summary and manifest.")
     max_repeated_ngram_share: float = Field(
         0.3, gt=0, le=1, description="repetition filter: drop a text whose share of repeated word 4-grams is above this.")
+    trim_repetition: bool = Field(
+        True, description="Stop rule: cut each generated answer before its first sentence that repeats an earlier "
+                          "one or starts a loop (a word 4-gram 3+ times); the clean opening is kept and filtered as "
+                          "usual. Small models' reflections often start well and then repeat.")
 
 
 class SdftConfig(TrainingConfig):

@@ -26,6 +26,7 @@ ever repeated across the answers and values near 0 mean every answer says the sa
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Any, Sequence
 
@@ -76,3 +77,34 @@ def degeneration_summary(texts: Sequence[str], finish_reasons: Sequence[str] | N
     if token_counts is not None:
         out["mean_tokens"] = mean_estimate([float(c) for c in token_counts]).to_dict()
     return out
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?\u2026])[\"')\]*]*\s+|\n+")
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each sentence: split after sentence-final punctuation (closing quotes kept) and at line breaks."""
+    spans, start = [], 0
+    for match in SENTENCE_END.finditer(text):
+        if text[start:match.start()].strip():
+            spans.append((start, match.start()))
+        start = match.end()
+    if text[start:].strip():
+        spans.append((start, len(text)))
+    return spans
+
+
+def trim_repetition(text: str) -> str:
+    """The text cut before the first sentence that repeats an earlier one or makes the text loop.
+
+    A stop rule for small models, whose free-form answers often start well and then repeat: the
+    clean opening is kept, with its own formatting (and filtered as usual); an answer that loops
+    within its first sentence comes back empty.
+    """
+    seen: set[str] = set()
+    for start, end in sentence_spans(text):
+        key = " ".join(word_tokens(text[start:end]))
+        if (key and key in seen) or is_looping(text[:end]):
+            return text[:start].rstrip()
+        seen.add(key)
+    return text.strip()

@@ -26,13 +26,14 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from character_baker.backends.models import chat_token_counter
 from character_baker.core import assets
 from character_baker.core.config import BackendConfig, IntrospectConfig, SamplingConfig
+from character_baker.core.degeneration import trim_repetition
 from character_baker.core.errors import UserError
 from character_baker.core.runs import JsonlStore, adapter_hash, is_adapter_folder, read_jsonl, stable_hash, write_jsonl_atomic
 from character_baker.core.stage import StageContext, StageResult, nothing_usable_error
@@ -155,6 +156,18 @@ class Output:
             self.kept.append(record)
 
 
+def stop_rules(cfg: IntrospectConfig, completion: Any) -> Any:
+    """The completion cut before its first repeated sentence or loop (`trim_repetition`), when that is on.
+
+    A cut answer ends on a finished sentence, so it is marked "stop", not "length"."""
+    if not cfg.trim_repetition:
+        return completion
+    trimmed = trim_repetition(completion.text)
+    if trimmed == completion.text.strip():
+        return completion
+    return replace(completion, text=trimmed, finish_reason="stop")
+
+
 # ----------------------------------------------------------------------------- self-reflection
 def reflection_conversation(ctx: StageContext, instruction: dict) -> list[dict]:
     """The generation input of one reflection: the reflective system prompt and the instruction."""
@@ -186,6 +199,7 @@ def generate_reflections(ctx: StageContext, generator: Generator, output: Output
         for item, row in zip(instructions, rows):
             for sample, completion in zip(samples, row):
                 tokens += completion.completion_tokens
+                completion = stop_rules(ctx.recipe.introspect, completion)
                 if not output.done(ids[item["id"], sample]):
                     record = _reflection_record(ids[item["id"], sample], item, sample, completion, generator,
                                                 sampling.seed)
@@ -274,9 +288,10 @@ def _advance(ctx: StageContext, generator: Generator, transcripts: list[Transcri
     tokens = 0
     for (_, group), row in zip(groups.values(), rows):
         for transcript, completion in zip(group, row):
+            tokens += completion.completion_tokens
+            completion = stop_rules(ctx.recipe.introspect, completion)
             transcript.utterances.append(completion.text.strip())
             transcript.finish_reasons.append(completion.finish_reason)
-            tokens += completion.completion_tokens
     return tokens
 
 
