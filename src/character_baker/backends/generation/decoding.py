@@ -1,8 +1,8 @@
 """Two ways to decode one padded batch with a Hugging Face causal LM.
 
 `static_decode` is the fast path: a preallocated KV cache, an explicit 4D attention mask and
-position ids (so left padding never changes results), on-device sampling (temperature, top_p)
-and stop detection with one host sync every few steps, and on CUDA the whole decode step
+position ids (so left padding never changes results), on-device sampling (temperature, top_p;
+`sampling.sample_tokens`, exact and sort-free) and stop detection with one host sync every few steps, and on CUDA the whole decode step
 (forward + cache write + mask update) replayed as a CUDA graph, which removes the per-kernel
 CPU launch overhead that bounds plain `model.generate` on small models. Under sdpa, one-token
 steps use `packed_gqa_sdpa`, which reads each kv head once instead of copying it per query head.
@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+
+from character_baker.backends.generation.sampling import sample_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -51,22 +53,6 @@ class DecodedRow:
 
     token_ids: list[int]
     stopped: bool
-
-
-def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
-                  generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row from [batch, vocab] float logits, on device and without a host sync."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    order = None
-    if top_p < 1.0:
-        probs, order = probs.sort(dim=-1, descending=True)
-        probs = probs * (probs.cumsum(dim=-1) - probs < top_p)  # the most likely token is always kept
-    # Exponential race: argmax(p / E), E ~ Exp(1), samples index i with probability p_i.
-    noise = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=1e-20)
-    choice = (probs / noise).argmax(dim=-1)
-    return choice if order is None else order.gather(-1, choice[:, None]).squeeze(-1)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
