@@ -99,6 +99,16 @@ def test_sampling_is_seeded_and_top_p_narrows_to_greedy(tiny_lm):
         CONVERSATIONS, GREEDY.model_copy(update={"max_new_tokens": 10}))
 
 
+def test_generate_engine_samples_with_our_sampler(tiny_lm):
+    """Both engines draw from `sampling.sample_tokens` with the same generator: same seed, same tokens."""
+    model, tokenizer = tiny_lm
+    hot = SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=3)
+    static = HFBackend(model, tokenizer, engine="static").generate(CONVERSATIONS, hot, n=2)
+    generate = HFBackend(model, tokenizer, engine="generate").generate(CONVERSATIONS, hot, n=2)
+    assert static == generate
+    assert any(row[0].text != row[1].text for row in static)
+
+
 def test_sample_tokens_follows_temperature_and_top_p():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.2])).repeat(20000, 1)
     generator = torch.Generator().manual_seed(0)

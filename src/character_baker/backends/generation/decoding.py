@@ -10,9 +10,9 @@ It works for decoder models with full attention under the `sdpa` or `eager` impl
 On one H100, SmolLM2-135M (bf16), 256 prompts x 256 tokens at batch 256: ~31k tokens/s vs ~1.9-3.4k
 for plain `model.generate` (benchmarks/RESULTS.md).
 
-`generate_decode` is the padded-batch fallback: plain `model.generate` on the same batch, used
-for every other model (sliding-window attention, flash-attention, ...) and as the benchmark's
-baseline.
+`generate_decode` is the padded-batch fallback: `model.generate` on the same batch, used for every
+other model (sliding-window attention, flash-attention, ...); it draws tokens with the same sampler,
+through a logits processor. (The benchmark's "plain generate" baseline is generate's own sampling.)
 """
 
 from __future__ import annotations
@@ -285,18 +285,36 @@ def _static_decode(model: Any, prompts: list[list[int]], settings: DecodeSetting
     return split_rows(generated[:, :t + 1].cpu(), settings.eos_ids, settings.ignore_eos)
 
 
+class SampledTokenProcessor:
+    """A `model.generate` logits processor that draws the next token with `sample_tokens`.
+
+    It leaves 0 on the drawn token and -inf everywhere else, so greedy `generate` (do_sample=False)
+    emits it: generate's own sampling (a sort of the vocabulary for top_p, then `multinomial`) never
+    runs. Processors generate adds itself (e.g. min_new_tokens masking end-of-turn) run before it.
+    """
+
+    def __init__(self, temperature: float, top_p: float, generator: torch.Generator):
+        self.temperature, self.top_p, self.generator = temperature, top_p, generator
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """[batch, vocab] scores -> 0 at each row's drawn token, -inf elsewhere."""
+        tokens = sample_tokens(scores, self.temperature, self.top_p, self.generator)
+        return torch.full_like(scores, -torch.inf).scatter_(1, tokens[:, None], 0.0)
+
+
 def generate_decode(model: Any, prompts: list[list[int]], settings: DecodeSettings, seed: int) -> list[DecodedRow]:
-    """Decode one left-padded batch with plain `model.generate` (the fallback and the baseline)."""
+    """Decode one left-padded batch with `model.generate` (the fallback), sampling with `sample_tokens`."""
+    from transformers import LogitsProcessorList
+
     device = model.get_input_embeddings().weight.device
     ids, real = left_pad(prompts, settings.pad_id, device)
     options: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, eos_token_id=list(settings.eos_ids),
-                                   pad_token_id=settings.pad_id, do_sample=settings.temperature > 0)
+                                   pad_token_id=settings.pad_id, do_sample=False)
     if settings.temperature > 0:
-        options.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        sampler = SampledTokenProcessor(settings.temperature, settings.top_p, generator)
+        options.update(logits_processor=LogitsProcessorList([sampler]))
     if settings.ignore_eos:
         options.update(min_new_tokens=settings.max_new_tokens)
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        output = model.generate(input_ids=ids, attention_mask=real.long(), **options)
+    output = model.generate(input_ids=ids, attention_mask=real.long(), **options)
     return split_rows(output[:, ids.shape[1]:].cpu(), settings.eos_ids, settings.ignore_eos)
