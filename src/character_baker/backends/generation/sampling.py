@@ -72,11 +72,21 @@ def sample_tokens(logits: torch.Tensor, temperature: float | torch.Tensor, top_p
         return sample_nucleus(weights, target, generator)
     if bool(torch.isinf(target).all()):  # top_p >= 1 everywhere: no nucleus to find
         return inverse_cdf(weights, generator)
-    tokens, covered = sample_candidates(weights, target, generator)
+    tokens = torch.empty(rows, dtype=torch.long, device=logits.device)
+    covered = torch.zeros(rows, dtype=torch.bool, device=logits.device)
+    # CANDIDATES tokens of weight <= 1 hold at most CANDIDATES: rows whose target is larger skip the topk.
+    hopeful = (target <= CANDIDATES).nonzero().squeeze(1)
+    if len(hopeful):
+        tokens[hopeful], covered[hopeful] = sample_candidates(_rows(weights, hopeful), target[hopeful], generator)
     rest = (~covered).nonzero().squeeze(1)
     if len(rest):
         tokens[rest] = sample_by_rejection(_rows(weights, rest), target[rest], generator)
     return tokens
+
+
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    """True entries per row of a [rows, n] bool mask, as float32 (summed as bytes: 4x faster than bool on a CPU)."""
+    return mask.view(torch.uint8).sum(dim=-1, dtype=torch.int32).float()
 
 
 def _rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -123,8 +133,9 @@ def sample_by_rejection(weights: torch.Tensor, target: torch.Tensor, generator: 
         rows = _rows(weights, pending)
         proposal = inverse_cdf(rows, generator)
         value = rows.gather(1, proposal[:, None])
-        above = torch.where(rows > value, rows, 0.0).sum(dim=-1)
-        ties = (rows == value).sum(dim=-1).float()
+        greater = _count(rows > value)
+        above = (rows - value).clamp_(min=0).sum(dim=-1) + value.squeeze(1) * greater  # mass of w > value
+        ties = _count(rows == value)
         kept = torch.ceil((target[pending] - above) / value.squeeze(1)).clamp_(min=0).minimum(ties)
         kept = torch.where(above == 0, kept.clamp(min=1), kept)  # a most probable token is always kept
         accepted = torch.rand(len(pending), generator=generator, device=weights.device) * ties < kept
