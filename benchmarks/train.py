@@ -49,6 +49,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import os
 import platform
 import random
 import shlex
@@ -241,7 +242,7 @@ def run_trl(args: argparse.Namespace, model: Any, tokenizer: Any, records: list[
     micro = args.micro_batch_size or args.pairs_per_step
     timer, reference = StepTimer(), ReferenceTimer()
     flags = trl_flags(args)
-    with tempfile.TemporaryDirectory() as scratch, reference.around(DPOTrainer):
+    with tempfile.TemporaryDirectory() as scratch, reference.around(DPOTrainer), accelerate_environment_kept():
         config = DPOConfig(output_dir=scratch, per_device_train_batch_size=micro, max_steps=len(records) // args.pairs_per_step,
                            gradient_accumulation_steps=args.pairs_per_step // micro, learning_rate=5e-5, warmup_steps=0,
                            max_grad_norm=1.0, beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.1],
@@ -332,6 +333,26 @@ def offload_implementation(kind: str) -> Iterator[None]:
     with mock.patch.object(trainer, "ActivationOffload", LibraryActivationOffload), \
             mock.patch.object(trainer, "OffloadedAdamW", TorchaoOffloadedAdamW):
         yield
+
+
+@contextlib.contextmanager
+def accelerate_environment_kept() -> Iterator[None]:
+    """Undo the ACCELERATE_* variables TRL's config sets, and accelerate's shared state, on leaving the block.
+
+    `TrainingArguments(torch_compile=True)` exports ACCELERATE_DYNAMO_BACKEND into the process and
+    accelerate keeps it in its singleton state, so every later `Accelerator()` (ours included)
+    would compile its model.
+    """
+    from accelerate.state import AcceleratorState
+
+    saved = {key: value for key, value in os.environ.items() if key.startswith("ACCELERATE_")}
+    try:
+        yield
+    finally:
+        for key in [key for key in os.environ if key.startswith("ACCELERATE_")]:
+            del os.environ[key]
+        os.environ.update(saved)
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def trl_flags(args: argparse.Namespace) -> dict[str, Any]:
