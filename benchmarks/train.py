@@ -24,7 +24,8 @@ Run both on one GPU to decide whether ours stays (docs/performance.md lists the 
 
 Conventions (each number in the table means exactly this):
 - policy tokens/s: tokens of the pairs trained per second (chosen and rejected sequences, prompt
-  and response, no padding: 2 x seq-len per pair, however they are computed), median over the
+  and response, no padding: 2 x seq-len per pair unless --length-spread, however they are
+  computed; for TRL the mean tokens per optimiser batch), median over the
   timed steps; the first `--warmup-steps` optimiser steps are not timed. The reference log-prob
   pass (once, before training, in both trainers) is reported separately.
 - computed tokens/s: token positions the policy actually runs per second. With prefix sharing
@@ -100,15 +101,26 @@ def synthetic_tokenizer(vocab_size: int) -> Any:
     return tokenizer
 
 
-def synthetic_records(count: int, seq_len: int, vocab_size: int, seed: int = 0) -> list[dict]:
-    """Distill records whose rendered sequences are exactly `seq_len` tokens (a quarter of them prompt)."""
+def synthetic_records(count: int, seq_len: int, vocab_size: int, seed: int = 0, spread: float = 0.0) -> list[dict]:
+    """Distill records whose rendered sequences are `seq_len` tokens (a quarter of them prompt).
+
+    With `spread` > 0 each response is shortened by a uniform random share in [0, spread) of its
+    length, chosen and rejected independently (real data: varied lengths, hence padding).
+    """
     rng = random.Random(seed)
     prompt_words = seq_len // 4 - 5            # + <|im_start|> user ... <|im_end|> <|im_start|> assistant
     response_words = seq_len - 6 - prompt_words  # + <|im_end|>
     words = lambda n: " ".join(f"w{rng.randrange(vocab_size - len(SPECIALS))}" for _ in range(n))  # noqa: E731
+    response = lambda: words(max(1, round(response_words * (1 - spread * rng.random()))))  # noqa: E731
     return [{"id": f"pair-{i}", "prompt_id": f"p{i}", "messages": [{"role": "user", "content": words(prompt_words)}],
-             "chosen": words(response_words), "rejected": words(response_words), "provenance": {}}
+             "chosen": response(), "rejected": response(), "provenance": {}}
             for i in range(count)]
+
+
+def record_tokens(record: dict) -> int:
+    """Tokens of a synthetic record's two rendered sequences (6 template tokens each, one per word)."""
+    prompt = len(record["messages"][0]["content"].split())
+    return sum(prompt + len(record[side].split()) + 6 for side in ("chosen", "rejected"))
 
 
 def build_model(config: Any, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Any:
@@ -181,7 +193,7 @@ def run_ours(args: argparse.Namespace, model: Any, tokenizer: Any, records: list
     cfg = DistillConfig(batch_size=args.pairs_per_step, micro_batch_size=args.micro_batch_size or args.pairs_per_step,
                         max_length=args.seq_len, gradient_checkpointing=args.checkpointing, save_steps=10**6,
                         lora={"r": args.lora_r, "alpha": 2 * args.lora_r}, logprob_chunk_size=args.chunk_size,
-                        torch_compile=args.compile, share_prompt=not args.no_share_prompt,
+                        torch_compile=args.compile, share_prompt=not args.no_share_prompt, pack_pairs=args.pack_pairs,
                         offload_optimizer=args.offload_optimizer, offload_activations=args.offload_activations,
                         offload_embeddings=args.offload_embeddings)
     steps: list[dict] = []
@@ -189,7 +201,7 @@ def run_ours(args: argparse.Namespace, model: Any, tokenizer: Any, records: list
     with tempfile.TemporaryDirectory() as scratch, offload_implementation(args.offload_impl):
         summary = train_dpo(RunDir.create(scratch), records, model, tokenizer, cfg, callbacks=callbacks)
     timed = steps[args.warmup_steps:]
-    reference_tokens = 2 * args.seq_len * summary["prepare"]["reference_computed"]
+    reference_tokens = sum(map(record_tokens, records)) * summary["prepare"]["reference_computed"] / len(records)
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
             "computed_tokens_per_s": statistics.median(r["computed_tokens"] / r["step_seconds"] for r in timed),
             "step_seconds": statistics.median(r["step_seconds"] for r in timed),
@@ -200,7 +212,7 @@ def run_ours(args: argparse.Namespace, model: Any, tokenizer: Any, records: list
 
 def our_flags(args: argparse.Namespace, cfg: Any) -> str:
     """Our trainer's speed switches in this run, for the table."""
-    flags = {key: getattr(cfg, key) for key in ("torch_compile", "gradient_checkpointing", "share_prompt",
+    flags = {key: getattr(cfg, key) for key in ("torch_compile", "gradient_checkpointing", "share_prompt", "pack_pairs",
                                                   "offload_optimizer", "offload_activations", "offload_embeddings")}
     if cfg.offload_optimizer or cfg.offload_activations:
         flags["offload_impl"] = args.offload_impl
@@ -255,12 +267,12 @@ def run_trl(args: argparse.Namespace, model: Any, tokenizer: Any, records: list[
                              peft_config=lora, callbacks=[timer])
         trainer.train()
     timed = timer.seconds[args.warmup_steps:]
-    tokens_per_step = 2 * args.seq_len * args.pairs_per_step
+    tokens_per_step = sum(map(record_tokens, records)) / len(records) * args.pairs_per_step  # mean over batches
     peak = timer.peak if device.type == "cuda" else _host_peak_gb()
-    rate = statistics.median(tokens_per_step / s for s in timed)  # TRL computes every token of both rows
+    rate = statistics.median(tokens_per_step / s for s in timed)  # TRL computes every token of both rows (+ padding)
     return {"tokens_per_s": rate, "computed_tokens_per_s": rate,
             "step_seconds": statistics.median(timed), "peak_memory_gb": peak,
-            "reference_tokens_per_s": 2 * args.seq_len * len(records) / reference.seconds if reference.seconds else
+            "reference_tokens_per_s": sum(map(record_tokens, records)) / reference.seconds if reference.seconds else
             float("nan"), "final_loss": float("nan"), "flags": describe_flags(flags)}
 
 
@@ -452,7 +464,9 @@ def markdown(args: argparse.Namespace, device: torch.device, peak_tflops: float,
              f"- date: {when}; versions: {versions()}",
              f"- command: `{' '.join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}`",
              f"- model FLOPs/token (6N + 12LHQT): {per_token / 1e9:.3g} GFLOP; timed steps: {args.steps} "
-             f"after {args.warmup_steps} warm-up" + (f"\n- note: {args.note}" if args.note else "") + "\n",
+             f"after {args.warmup_steps} warm-up"
+             + (f"; responses shortened by up to {args.length_spread:.0%}" if args.length_spread else "")
+             + (f"\n- note: {args.note}" if args.note else "") + "\n",
              "| trainer | policy tokens/s | computed tokens/s | MFU | step (s) | peak memory (GiB) | reference pass tokens/s | flags |",
              "|---|---|---|---|---|---|---|---|"]
     for name, row in results.items():
@@ -470,7 +484,8 @@ def markdown(args: argparse.Namespace, device: torch.device, peak_tflops: float,
 
 def our_options(args: argparse.Namespace) -> list[str]:
     """Our trainer's non-default switches in this run, for the section title."""
-    names = {"compile": "torch.compile", "no_share_prompt": "no prefix sharing", "offload_optimizer": "optimizer offload",
+    names = {"compile": "torch.compile", "no_share_prompt": "no prefix sharing", "pack_pairs": "packed pairs",
+             "offload_optimizer": "optimizer offload",
              "offload_activations": "activation offload", "offload_embeddings": "embedding offload"}
     library = {"offload_optimizer", "offload_activations"} if args.offload_impl == "library" else set()
     return [f"{label} ({'library' if key in library else 'ours'})" for key, label in names.items() if getattr(args, key)]
@@ -515,6 +530,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "CPUOffloadOptimizer and torch's save_on_cpu(pin_memory=True)")
     parser.add_argument("--compile", action="store_true", help="torch_compile=True (our trainer only)")
     parser.add_argument("--no-share-prompt", action="store_true", help="share_prompt=False: two rows per pair (ours)")
+    parser.add_argument("--pack-pairs", action="store_true", help="pack_pairs=True: several pairs per row (ours)")
+    parser.add_argument("--length-spread", type=float, default=0.0,
+                        help="shorten each response by a random share in [0, this) (0: every sequence is --seq-len)")
     parser.add_argument("--offload-optimizer", action="store_true", help="offload_optimizer=True (ours)")
     parser.add_argument("--offload-activations", action="store_true", help="offload_activations=True (ours)")
     parser.add_argument("--offload-embeddings", action="store_true", help="offload_embeddings=True (ours)")
@@ -544,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     peak_tflops = matmul_tflops(device, dtype)
     config = model_config(args.config)
     tokenizer = synthetic_tokenizer(config.vocab_size)
-    records = synthetic_records(args.pairs_per_step * (args.steps + args.warmup_steps), args.seq_len, config.vocab_size)
+    records = synthetic_records(args.pairs_per_step * (args.steps + args.warmup_steps), args.seq_len, config.vocab_size,
+                                spread=args.length_spread)
     if args.offload_impl == "library" and args.offload_optimizer and (
             device.type != "cuda" or importlib.util.find_spec("torchao") is None):
         raise SystemExit("--offload-impl library --offload-optimizer runs torchao's CPUOffloadOptimizer: "
