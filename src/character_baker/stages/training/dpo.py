@@ -20,6 +20,7 @@ import hashlib
 import os
 import time
 from array import array
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -96,11 +97,10 @@ def _unwrap(model: nn.Module) -> ResponseScorer:
     return extract_model_from_parallel(model)
 
 
-@torch.no_grad()
 def score_pairs(model: nn.Module, pairs: Sequence[TokenizedPair], pad_token_id: int, batch_size: int,
                 adapter: bool = True, share_prompt: bool = False,
                 pack: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{pair_key: (chosen token log-probs, rejected token log-probs)} on the CPU, in eval mode."""
+    """{pair_key: (chosen token log-probs, rejected token log-probs)} on the CPU, in eval and inference mode."""
     scorer, was_training = _unwrap(model), model.training
     model.eval()
     scores = {}
@@ -108,12 +108,10 @@ def score_pairs(model: nn.Module, pairs: Sequence[TokenizedPair], pad_token_id: 
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start:start + batch_size]
             batch = collate_pairs(chunk, pad_token_id, share_prompt, pack).to(next(model.parameters()).device)
-            if adapter:
+            with torch.inference_mode(), (nullcontext() if adapter else scorer.adapter_disabled()):
                 token_logps, counts = score_batch(model, batch)
-            else:
-                with scorer.adapter_disabled():
-                    token_logps, counts = score_batch(model, batch)
-            rows = token_logps.float().cpu().split(counts.tolist())
+            # Cloned outside inference mode: ordinary tensors, which the training loss may use.
+            rows = token_logps.float().cpu().clone().split(counts.tolist())
             for index, pair in enumerate(chunk):
                 scores[pair_key(pair)] = (rows[index].clone(), rows[index + len(chunk)].clone())
     finally:
