@@ -9,23 +9,30 @@ top_p of the mass; the most probable token always; everything when top_p >= 1), 
 is the distribution the sort-based sampler this module replaced drew from (`torch.sort`, masked
 cumsum, exponential race). What changed is how the nucleus is found and how a token is drawn:
 
-1. Candidates (on a CPU, `candidate_shortcut`): the `CANDIDATES` most probable tokens by `topk`,
-   with exact probabilities (the normaliser is summed over the whole vocabulary). Where their mass
-   reaches top_p the nucleus lies inside them, exactly as a full sort would find it.
-2. Threshold search (the rows the candidates do not cover; every row on a GPU): the nucleus is
-   {q > tau} plus, at ties, the first few tokens of value tau, where tau is the last kept probability.
-   Non-negative float32 values order like their bit patterns, so tau is found digit by digit
-   (radix select): a mass histogram over the top 12 bits, a cumulative sum from the top, the bin
-   where the mass crosses top_p, then the same over the next 10 bits inside that bin, and the last
-   10. Three passes over the vocabulary, fixed work, no data-dependent branch, exact (float32
-   sums, like the sort's cumsum).
-3. Drawing: inverse CDF with one uniform per row, in float64, in two levels (chunk masses, then
+1. Candidates (CPU, `candidate_shortcut`): the `CANDIDATES` most probable tokens by `topk`, with
+   exact probabilities (the normaliser is summed over the whole vocabulary). Where their mass
+   reaches top_p (and no tie straddles the boundary) the nucleus lies inside them, exactly as a
+   full sort would find it. Rows whose top_p mass exceeds what CANDIDATES tokens can hold skip it.
+2. Rejection (CPU, the rows step 1 does not cover): propose a token from the whole distribution,
+   keep it when the tokens more probable than it hold less than top_p. A round accepts with
+   probability >= top_p; `REJECTION_ROUNDS` rounds, then step 3 for what is left.
+3. Threshold search (what is left; every row on a GPU): the nucleus is {q > tau} plus the tokens
+   tied at tau, where tau is the last kept probability. Non-negative float32 values order like
+   their bit patterns, so tau is found digit by digit (radix select): a mass histogram over the
+   top 12 bits, a cumulative sum from the top, the bin where the mass crosses top_p, then the
+   same over the next 10 bits inside that bin, and the last 10. Three passes over the vocabulary,
+   fixed work, no data-dependent branch, exact (float32 sums, like the sort's cumsum).
+4. Drawing: inverse CDF with one uniform per row, in float64, in two levels (chunk masses, then
    one chunk), instead of `torch.multinomial` or one exponential variate per vocabulary entry.
 
-No step reads a tensor on the host, except the CPU shortcut's choice of which rows go on to step 2
-(on a CPU, "the host" is where the tensor already lives). On 2 shared CPU cores with 64 rows over
-SmolLM2's 49,152 tokens, one call costs tens of milliseconds where the sort-based sampler cost
-~0.5 s (benchmarks/RESULTS.md); docs/performance.md has the measurements.
+Ties: where n tokens tie at the boundary and the rule keeps c of them, a sort keeps whichever c
+its order leaves first; here each tied token is kept with probability c / n (a uniformly random
+choice of the c). Probabilities below float32's smallest normal number count as 0.
+
+Nothing reads a tensor on the host except the CPU steps' choice of which rows go on (on a CPU
+the tensor already lives on the host): the GPU path never waits for the device. On one CPU
+thread with 64 rows over SmolLM2's 49,152 tokens, a call costs 17-70 ms where the sort-based
+sampler cost 350-700 ms (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -35,9 +42,9 @@ import torch.nn.functional as F
 
 CANDIDATES = 64  # tokens tried by the CPU shortcut; a peaked model's nucleus at T=0.7, top_p=0.95 is a handful
 REJECTION_ROUNDS = 4  # CPU: proposals per row before the threshold search; each is accepted with prob >= top_p
-CHUNK = 256
+CHUNK = 256  # vocabulary entries per chunk of the two-level inverse CDF
 UNDERFLOW = -87.0  # log of float32's smallest normal number is -87.3
-SMALLEST_WEIGHT = float(torch.tensor(UNDERFLOW).exp())  # exp(UNDERFLOW) in float32: weights at or below it are 0  # vocabulary entries per chunk of the two-level inverse CDF
+SMALLEST_WEIGHT = float(torch.tensor(UNDERFLOW).exp())  # exp(UNDERFLOW) in float32: weights at or below it are 0
 DIGIT_BINS = 1 << 10  # radix select: the top 12 bits of a float32 in [0, 1] are <= 0x3F8 (sign 0, exponent
 DIGIT_MASK = DIGIT_BINS - 1  # <= 127), so bits 31..20, 19..10 and 9..0 each fit 1024 bins
 
