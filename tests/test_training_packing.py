@@ -240,3 +240,15 @@ def test_training_with_packed_pairs_gives_the_same_adapter(tmp_path, tiny_tok):
         assert summary["pairs"] == len(records)
     for name, value in adapters[False].items():
         torch.testing.assert_close(adapters[True][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_flex_mask_rule_equals_the_sdpa_mask_for_packed_rows():
+    """The mask_mod the GPU's flex attention uses gives the same dense mask as `attention_mask_4d`."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    from character_baker.stages.training.packing import mask_mod
+
+    segments = torch.tensor([[0, 0, 1, 1, 2, 3, 4, 5, 5, PAD, PAD, PAD],
+                             [0, 1, 2, 2, PAD, PAD, PAD, PAD, PAD, PAD, PAD, PAD]], dtype=torch.int16)
+    dense = create_mask(mask_mod(segments), 2, None, 12, 12, device="cpu")
+    assert torch.equal(dense, attention_mask_4d(segments, torch.float32, additive=False))
