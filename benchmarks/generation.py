@@ -4,12 +4,19 @@
         --batch-sizes 64,256 --prompts 256 --new-tokens 256 --backends hf,hf-nograph,hf-generate
 
 Backends: hf = HFBackend (static KV cache, CUDA graphs on CUDA); hf-nograph = the same loop
-without CUDA graphs; hf-generate = HFBackend(engine="generate"), i.e. plain `model.generate` on
+without CUDA graphs; hf-generate = HFBackend(engine="generate"), i.e. `model.generate` on
 left-padded batches; vllm = VLLMBackend (needs a model folder and vLLM installed).
+
+Samplers (--samplers, each hf backend runs once per sampler, in the same process): exact = what
+the package ships (`sampling.sample_tokens`: sort-free, exact); sort = the code before it, kept
+here only as the baseline: the static loop sorts the vocabulary for top_p and draws with an
+exponential race over it, and hf-generate is plain `model.generate` with its own sampling (top_p
+sort, `multinomial`). vLLM always samples its own way.
 
 Every prompt generates exactly --new-tokens tokens (end-of-turn is ignored) so tokens/s compare.
 Models: a local folder or catalogue name (loaded by the models layer); `tiny` = the test kit's
-tiny Llama; `smollm2-135m-random` = SmolLM2-135M's exact architecture (LlamaConfig: vocab 49152,
+tiny Llama; `tiny-smollm2-vocab` = the same tiny Llama (hidden 64, 4 layers) over SmolLM2's
+49,152-token vocabulary, where sampling, not the model, is the cost; `smollm2-135m-random` = SmolLM2-135M's exact architecture (LlamaConfig: vocab 49152,
 hidden 576, 30 layers, 9 heads / 3 kv heads) with random weights, because speed does not depend
 on weight values. Both synthetic models use the test kit's ChatML tokenizer to build the prompts
 (ids < 512, all valid for the 49152 vocabulary; generated ids it lacks decode to nothing).
@@ -21,6 +28,7 @@ heading naming the machine, date, library versions and command line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -31,22 +39,26 @@ from pathlib import Path
 from typing import Any
 
 RANDOM_SMOLLM2 = "smollm2-135m-random"
+TINY_SMOLLM2_VOCAB = "tiny-smollm2-vocab"
+SYNTHETIC = ("tiny", TINY_SMOLLM2_VOCAB, RANDOM_SMOLLM2)
+SAMPLERS = ("exact", "sort")
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
                     max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5)
 WORDS = ("the sea is wide and the wind is fair tell me about yourself write a poem about the ocean "
          "who are you what is your name explain step by step").split()
-COLUMNS = ("backend", "batch", "prompts", "new tokens", "generated tokens", "seconds", "tokens/s", "peak GPU MiB")
+COLUMNS = ("backend", "sampler", "batch", "prompts", "new tokens", "generated tokens", "seconds", "tokens/s", "peak GPU MiB")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny", help=f"folder, catalogue name, 'tiny' or '{RANDOM_SMOLLM2}'")
+    parser.add_argument("--model", default="tiny", help=f"folder, catalogue name, or one of {', '.join(SYNTHETIC)}")
     parser.add_argument("--batch-sizes", default="64,256", help="comma-separated rows per batch")
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--backends", default="hf,hf-generate", help="hf, hf-nograph, hf-generate, vllm")
+    parser.add_argument("--samplers", default="exact", help="comma-separated: exact (shipped), sort (the baseline)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     parser.add_argument("--temperature", type=float, default=0.7)
@@ -58,17 +70,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "RESULTS.md")
     parser.add_argument("--check", action="store_true",
                         help="first compare greedy outputs of hf, hf-nograph and hf-generate on 16 prompts")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if unknown := set(args.samplers.split(",")) - set(SAMPLERS):
+        parser.error(f"unknown sampler(s) {', '.join(sorted(unknown))}: use {', '.join(SAMPLERS)}")
+    return args
 
 
 def load(model_ref: str, device: Any, dtype: Any) -> tuple[Any, Any]:
     """(model, tokenizer) for a model reference, `tiny` or the random SmolLM2 architecture."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
-    from character_baker.testing import tiny_model, tiny_tokenizer
+    from character_baker.testing import tiny_config, tiny_model, tiny_tokenizer
 
-    if model_ref not in ("tiny", RANDOM_SMOLLM2):
+    if model_ref not in SYNTHETIC:
         from character_baker.backends.models import load_model
         from character_baker.core.config import ModelsConfig
 
@@ -76,13 +90,76 @@ def load(model_ref: str, device: Any, dtype: Any) -> tuple[Any, Any]:
     tokenizer = tiny_tokenizer()
     if model_ref == "tiny":
         return tiny_model("llama", tokenizer).to(device=device, dtype=dtype), tokenizer
+    if model_ref == TINY_SMOLLM2_VOCAB:
+        config = tiny_config("llama", tokenizer)
+        config.vocab_size = SMOLLM2_135M["vocab_size"]
+        return random_model(config, device, dtype), tokenizer
     config = LlamaConfig(**SMOLLM2_135M, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                          bos_token_id=None)
+    return random_model(config, device, dtype), tokenizer
+
+
+def random_model(config: Any, device: Any, dtype: Any) -> Any:
+    """A Llama of `config` with seeded random weights, in eval mode (speed does not depend on weight values)."""
+    import torch
+    from transformers import GenerationConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
     model.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
-    return model.eval(), tokenizer
+    return model.eval()
+
+
+def sort_sample_tokens(logits: Any, temperature: float, top_p: float, generator: Any) -> Any:
+    """The static loop's sampler before `sampling.py` (baseline only): full sort for top_p, exponential race."""
+    import torch
+
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    order = None
+    if top_p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True)
+        probs = probs * (probs.cumsum(dim=-1) - probs < top_p)
+    noise = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=1e-20)
+    choice = (probs / noise).argmax(dim=-1)
+    return choice if order is None else order.gather(-1, choice[:, None]).squeeze(-1)
+
+
+def plain_generate_decode(model: Any, prompts: list[list[int]], settings: Any, seed: int) -> list:
+    """hf-generate before `sampling.py` (baseline only): plain `model.generate` with its own sampling."""
+    import torch
+
+    from character_baker.backends.generation.decoding import left_pad, split_rows
+
+    device = model.get_input_embeddings().weight.device
+    ids, real = left_pad(prompts, settings.pad_id, device)
+    options: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, eos_token_id=list(settings.eos_ids),
+                                   pad_token_id=settings.pad_id, do_sample=settings.temperature > 0)
+    if settings.temperature > 0:
+        options.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+    if settings.ignore_eos:
+        options.update(min_new_tokens=settings.max_new_tokens)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        output = model.generate(input_ids=ids, attention_mask=real.long(), **options)
+    return split_rows(output[:, ids.shape[1]:].cpu(), settings.eos_ids, settings.ignore_eos)
+
+
+@contextlib.contextmanager
+def sampler_in_use(sampler: str) -> Any:
+    """Run the block with the shipped sampler ("exact") or with the baseline code swapped in ("sort")."""
+    from unittest import mock
+
+    from character_baker.backends.generation import decoding, hf
+
+    if sampler != "sort":
+        yield
+        return
+    with mock.patch.object(decoding, "sample_tokens", sort_sample_tokens), \
+            mock.patch.object(hf, "generate_decode", plain_generate_decode):
+        yield
 
 
 def prompts(count: int) -> list[list[dict[str, str]]]:
@@ -172,6 +249,8 @@ def markdown(rows: list[tuple], argv: list[str], notes: str) -> str:
 def describe(args: argparse.Namespace, dtype: Any, device: Any) -> str:
     """One line saying what ran: model, dtype, sampling, and that EOS was ignored."""
     model = {"tiny": "tiny random Llama from the test kit",
+             TINY_SMOLLM2_VOCAB: "tiny random Llama (hidden 64, 4 layers) over SmolLM2's 49,152-token vocabulary, "
+                                 "test-kit tokenizer (random weights: near-flat next-token distributions)",
              RANDOM_SMOLLM2: "SmolLM2-135M architecture with random weights, test-kit tokenizer"}.get(args.model,
                                                                                                       args.model)
     graphs = " CUDA-graph capture," if device.type == "cuda" else ""
@@ -206,7 +285,7 @@ def skip_reason(kind: str, model_ref: str) -> str | None:
         return f"unknown backend {kind!r}"
     if kind == "vllm" and importlib.util.find_spec("vllm") is None:
         return "vLLM is not installed"
-    if kind == "vllm" and model_ref in ("tiny", RANDOM_SMOLLM2):
+    if kind == "vllm" and model_ref in SYNTHETIC:
         return "vLLM needs a model folder, not an in-memory model"
     return None
 
@@ -220,14 +299,16 @@ def run_all(args: argparse.Namespace, model: Any, tokenizer: Any) -> list[tuple]
         if (reason := skip_reason(kind, args.model)) is not None:
             print(f"skipping {kind}: {reason}", flush=True)
             continue
-        for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-            backend = make_backend(kind, model, tokenizer, args.model, batch_size)
-            tokens, seconds, peak = measure(backend, conversations, args.new_tokens, args)
-            rows.append((kind, batch_size, args.prompts, args.new_tokens, tokens, f"{seconds:.2f}",
-                         f"{tokens / seconds:,.0f}", f"{peak:,.0f}" if peak == peak else "-"))
-            print(f"{kind} batch {batch_size}: {tokens / seconds:,.0f} tok/s", flush=True)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        for sampler in args.samplers.split(",") if kind != "vllm" else ["vllm's own"]:
+            for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+                backend = make_backend(kind, model, tokenizer, args.model, batch_size)
+                with sampler_in_use(sampler):
+                    tokens, seconds, peak = measure(backend, conversations, args.new_tokens, args)
+                rows.append((kind, sampler, batch_size, args.prompts, args.new_tokens, tokens, f"{seconds:.2f}",
+                             f"{tokens / seconds:,.0f}", f"{peak:,.0f}" if peak == peak else "-"))
+                print(f"{kind} ({sampler} sampler) batch {batch_size}: {tokens / seconds:,.0f} tok/s", flush=True)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
     return rows
 
 

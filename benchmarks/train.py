@@ -9,9 +9,23 @@ rendered by a word-level tokenizer with a ChatML-style template, so our trainer 
 same token ids. When `trl` is importable, TRL's DPOTrainer trains the same model shapes on the
 same data with the same LoRA settings in the same process, and the ratios are printed.
 
+TRL runs with the flags a performance-minded TRL user sets (`--trl-flags best`, the default):
+`torch_compile=True`, `use_liger_kernel=True` when liger-kernel is installed, precomputed
+reference log-probs (batch `--reference-batch-size`, as ours), and the same gradient-checkpointing
+setting as ours; `--trl-flags default` leaves compile and liger off. Every row names its flags.
+`--gradient-checkpointing both` runs the whole comparison with checkpointing on, then off.
+
+`--offload-impl` picks who implements the offloads switched on with `--offload-optimizer` /
+`--offload-activations` in our trainer: `ours` (stages/training/offload.py) or `library`
+(`torch.autograd.graph.save_on_cpu(pin_memory=True)` for activations, torchao's
+`CPUOffloadOptimizer` for the optimizer: CUDA only, needs torchao; it copies each gradient to the
+CPU as backward produces it, before clipping, so `max_grad_norm` does not reach its update).
+Run both on one GPU to decide whether ours stays (docs/performance.md lists the commands).
+
 Conventions (each number in the table means exactly this):
 - policy tokens/s: tokens of the pairs trained per second (chosen and rejected sequences, prompt
-  and response, no padding: 2 x seq-len per pair, however they are computed), median over the
+  and response, no padding: 2 x seq-len per pair unless --length-spread, however they are
+  computed; for TRL the mean tokens per optimiser batch), median over the
   timed steps; the first `--warmup-steps` optimiser steps are not timed. The reference log-prob
   pass (once, before training, in both trainers) is reported separately.
 - computed tokens/s: token positions the policy actually runs per second. With prefix sharing
@@ -33,8 +47,10 @@ The table is printed and appended (never rewritten) to `--results` (benchmarks/R
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
+import os
 import platform
 import random
 import shlex
@@ -43,7 +59,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -85,15 +101,26 @@ def synthetic_tokenizer(vocab_size: int) -> Any:
     return tokenizer
 
 
-def synthetic_records(count: int, seq_len: int, vocab_size: int, seed: int = 0) -> list[dict]:
-    """Distill records whose rendered sequences are exactly `seq_len` tokens (a quarter of them prompt)."""
+def synthetic_records(count: int, seq_len: int, vocab_size: int, seed: int = 0, spread: float = 0.0) -> list[dict]:
+    """Distill records whose rendered sequences are `seq_len` tokens (a quarter of them prompt).
+
+    With `spread` > 0 each response is shortened by a uniform random share in [0, spread) of its
+    length, chosen and rejected independently (real data: varied lengths, hence padding).
+    """
     rng = random.Random(seed)
     prompt_words = seq_len // 4 - 5            # + <|im_start|> user ... <|im_end|> <|im_start|> assistant
     response_words = seq_len - 6 - prompt_words  # + <|im_end|>
     words = lambda n: " ".join(f"w{rng.randrange(vocab_size - len(SPECIALS))}" for _ in range(n))  # noqa: E731
+    response = lambda: words(max(1, round(response_words * (1 - spread * rng.random()))))  # noqa: E731
     return [{"id": f"pair-{i}", "prompt_id": f"p{i}", "messages": [{"role": "user", "content": words(prompt_words)}],
-             "chosen": words(response_words), "rejected": words(response_words), "provenance": {}}
+             "chosen": response(), "rejected": response(), "provenance": {}}
             for i in range(count)]
+
+
+def record_tokens(record: dict) -> int:
+    """Tokens of a synthetic record's two rendered sequences (6 template tokens each, one per word)."""
+    prompt = len(record["messages"][0]["content"].split())
+    return sum(prompt + len(record[side].split()) + 6 for side in ("chosen", "rejected"))
 
 
 def build_model(config: Any, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Any:
@@ -164,23 +191,33 @@ def run_ours(args: argparse.Namespace, model: Any, tokenizer: Any, records: list
     from character_baker.stages.training.dpo import train_dpo
 
     cfg = DistillConfig(batch_size=args.pairs_per_step, micro_batch_size=args.micro_batch_size or args.pairs_per_step,
-                        max_length=args.seq_len, gradient_checkpointing=args.gradient_checkpointing, save_steps=10**6,
+                        max_length=args.seq_len, gradient_checkpointing=args.checkpointing, save_steps=10**6,
                         lora={"r": args.lora_r, "alpha": 2 * args.lora_r}, logprob_chunk_size=args.chunk_size,
-                        torch_compile=args.compile, share_prompt=not args.no_share_prompt,
+                        torch_compile=args.compile, share_prompt=not args.no_share_prompt, pack_pairs=args.pack_pairs,
                         offload_optimizer=args.offload_optimizer, offload_activations=args.offload_activations,
                         offload_embeddings=args.offload_embeddings)
     steps: list[dict] = []
     callbacks = [steps.append] + ([profile_step(args.warmup_steps + 1)] if args.profile else [])
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, offload_implementation(args.offload_impl):
         summary = train_dpo(RunDir.create(scratch), records, model, tokenizer, cfg, callbacks=callbacks)
     timed = steps[args.warmup_steps:]
-    reference_tokens = 2 * args.seq_len * summary["prepare"]["reference_computed"]
+    reference_tokens = sum(map(record_tokens, records)) * summary["prepare"]["reference_computed"] / len(records)
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
             "computed_tokens_per_s": statistics.median(r["computed_tokens"] / r["step_seconds"] for r in timed),
             "step_seconds": statistics.median(r["step_seconds"] for r in timed),
             "peak_memory_gb": max(r["peak_memory_gb"] for r in timed),
             "reference_tokens_per_s": reference_tokens / summary["prepare"]["reference_seconds"],
-            "final_loss": timed[-1]["loss"]}
+            "final_loss": timed[-1]["loss"], "flags": our_flags(args, cfg)}
+
+
+def our_flags(args: argparse.Namespace, cfg: Any) -> str:
+    """Our trainer's speed switches in this run, for the table."""
+    flags = {key: getattr(cfg, key) for key in ("torch_compile", "gradient_checkpointing", "share_prompt", "pack_pairs",
+                                                  "offload_optimizer", "offload_activations", "offload_embeddings")}
+    if cfg.offload_optimizer or cfg.offload_activations:
+        flags["offload_impl"] = args.offload_impl
+    flags["reference_batch"] = reference_batch_size(args)
+    return describe_flags(flags)
 
 
 def run_trl(args: argparse.Namespace, model: Any, tokenizer: Any, records: list[dict]) -> dict[str, float]:
@@ -215,27 +252,165 @@ def run_trl(args: argparse.Namespace, model: Any, tokenizer: Any, records: list[
     data = Dataset.from_list([{"prompt": r["messages"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
                                "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in records])
     micro = args.micro_batch_size or args.pairs_per_step
-    timer = StepTimer()
-    with tempfile.TemporaryDirectory() as scratch:
+    timer, reference = StepTimer(), ReferenceTimer()
+    flags = trl_flags(args)
+    with tempfile.TemporaryDirectory() as scratch, reference.around(DPOTrainer), accelerate_environment_kept():
         config = DPOConfig(output_dir=scratch, per_device_train_batch_size=micro, max_steps=len(records) // args.pairs_per_step,
                            gradient_accumulation_steps=args.pairs_per_step // micro, learning_rate=5e-5, warmup_steps=0,
                            max_grad_norm=1.0, beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.1],
-                           precompute_ref_log_probs=True, max_length=args.seq_len, bf16=device.type == "cuda",
-                           gradient_checkpointing=args.gradient_checkpointing, use_cpu=device.type == "cpu",
+                           max_length=args.seq_len, bf16=device.type == "cuda", use_cpu=device.type == "cpu",
                            gradient_checkpointing_kwargs={"use_reentrant": False}, save_strategy="no",
-                           logging_steps=1, report_to=[], disable_tqdm=True, dataloader_drop_last=True)
+                           logging_steps=1, report_to=[], disable_tqdm=True, dataloader_drop_last=True, **flags)
         lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, task_type="CAUSAL_LM",
                           target_modules=lora_target_modules(model, "all-linear"))
         trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
                              peft_config=lora, callbacks=[timer])
         trainer.train()
     timed = timer.seconds[args.warmup_steps:]
-    tokens_per_step = 2 * args.seq_len * args.pairs_per_step
+    tokens_per_step = sum(map(record_tokens, records)) / len(records) * args.pairs_per_step  # mean over batches
     peak = timer.peak if device.type == "cuda" else _host_peak_gb()
-    rate = statistics.median(tokens_per_step / s for s in timed)  # TRL computes every token of both rows
+    rate = statistics.median(tokens_per_step / s for s in timed)  # TRL computes every token of both rows (+ padding)
     return {"tokens_per_s": rate, "computed_tokens_per_s": rate,
             "step_seconds": statistics.median(timed), "peak_memory_gb": peak,
-            "reference_tokens_per_s": float("nan"), "final_loss": float("nan")}
+            "reference_tokens_per_s": sum(map(record_tokens, records)) / reference.seconds if reference.seconds else
+            float("nan"), "final_loss": float("nan"), "flags": describe_flags(flags)}
+
+
+class LibraryActivationOffload(torch.autograd.graph.save_on_cpu):
+    """`--offload-impl library`: torch's save_on_cpu(pin_memory=True), called the way the trainer calls ours."""
+
+    def __init__(self, min_bytes: int):
+        super().__init__(pin_memory=True)  # torch offloads every saved tensor: no size threshold
+
+    def release(self) -> None:
+        """Nothing to free early: save_on_cpu's CPU copies go with the autograd graph."""
+
+
+class TorchaoOffloadedAdamW:
+    """`--offload-impl library`: torchao's CPUOffloadOptimizer behind the interface of our `OffloadedAdamW`.
+
+    torchao copies each gradient to pinned CPU memory in a post-accumulate hook and steps a fused
+    CPU AdamW per parameter; the GPU keeps float32 LoRA weights and gradients (ours keeps
+    compute-dtype weights and frees each gradient). Its copy is taken before clipping, so the
+    update is not clipped (`step` still returns the norm): measure speed and memory with it.
+    """
+
+    def __init__(self, named_params: Any, *, lr: float, weight_decay: float, compute_dtype: torch.dtype,
+                 decoder: Any = None, layers: Any = ()):
+        from torchao.optim import CPUOffloadOptimizer
+
+        self.named = list(named_params)
+        self.lead = CPUOffloadOptimizer([p for _, p in self.named], torch.optim.AdamW, lr=lr, weight_decay=weight_decay)
+
+    def micro_step(self, last: bool) -> None:
+        """Nothing to stage: torchao's backward hooks copy every gradient themselves."""
+
+    def collect(self) -> None:
+        """Nothing to collect between micro-batches (see `micro_step`)."""
+
+    def step(self, max_grad_norm: float) -> float:
+        """The gradient norm (clipping reaches only the GPU gradients, see the class), then torchao's CPU step."""
+        norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.named], max_grad_norm)
+        self.lead.step()
+        self.lead.zero_grad()
+        return float(norm)
+
+    def state_dicts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(weights by name, torchao's optimizer state)."""
+        return {name: p.detach().cpu().clone() for name, p in self.named}, self.lead.state_dict()
+
+    def load_state_dicts(self, model: dict[str, torch.Tensor], optimizer: dict[str, Any]) -> None:
+        """Restore what `state_dicts` wrote, into the GPU weights and torchao's CPU copies."""
+        with torch.no_grad():
+            for name, param in self.named:
+                param.copy_(model[name])
+                if param in self.lead.param_d2h_map:
+                    self.lead.param_d2h_map[param].copy_(model[name])
+        self.lead.load_state_dict(optimizer)
+
+    def close(self) -> None:
+        """No worker to stop."""
+
+
+@contextlib.contextmanager
+def offload_implementation(kind: str) -> Iterator[None]:
+    """Run the block with our offloads ("ours") or the library ones swapped into the trainer ("library")."""
+    if kind == "ours":
+        yield
+        return
+    from unittest import mock
+
+    from character_baker.stages.training import trainer
+
+    with mock.patch.object(trainer, "ActivationOffload", LibraryActivationOffload), \
+            mock.patch.object(trainer, "OffloadedAdamW", TorchaoOffloadedAdamW):
+        yield
+
+
+@contextlib.contextmanager
+def accelerate_environment_kept() -> Iterator[None]:
+    """Undo the ACCELERATE_* variables TRL's config sets, and accelerate's shared state, on leaving the block.
+
+    `TrainingArguments(torch_compile=True)` exports ACCELERATE_DYNAMO_BACKEND into the process and
+    accelerate keeps it in its singleton state, so every later `Accelerator()` (ours included)
+    would compile its model.
+    """
+    from accelerate.state import AcceleratorState
+
+    saved = {key: value for key, value in os.environ.items() if key.startswith("ACCELERATE_")}
+    try:
+        yield
+    finally:
+        for key in [key for key in os.environ if key.startswith("ACCELERATE_")]:
+            del os.environ[key]
+        os.environ.update(saved)
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def trl_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The DPOConfig switches that shape TRL's speed in this run (TRL 1.16 names)."""
+    import importlib.util
+
+    best = args.trl_flags == "best"
+    flags: dict[str, Any] = dict(precompute_ref_log_probs=True, precompute_ref_batch_size=reference_batch_size(args),
+                                 gradient_checkpointing=args.checkpointing, torch_compile=best)
+    if best and importlib.util.find_spec("liger_kernel") is not None:
+        flags["use_liger_kernel"] = True
+    return flags
+
+
+class ReferenceTimer:
+    """Times TRL's reference log-prob pass (`DPOTrainer._precompute_ref_logps`, run by its constructor)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def around(self, trainer_class: Any) -> Any:
+        """Patch the class's precompute method with a timed call of itself for the block."""
+        from unittest import mock
+
+        original = trainer_class._precompute_ref_logps
+
+        def timed(trainer: Any, *args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return original(trainer, *args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - started
+
+        return mock.patch.object(trainer_class, "_precompute_ref_logps", timed)
+
+
+def describe_flags(flags: dict[str, Any]) -> str:
+    """`name=value` for each switch, for the table."""
+    return ", ".join(f"{key}={value}" for key, value in flags.items())
+
+
+def reference_batch_size(args: argparse.Namespace) -> int:
+    """Pairs per forward of the reference pass: our trainer's choice, given to TRL as well."""
+    from character_baker.stages.training.dpo import reference_pairs_per_batch
+
+    return reference_pairs_per_batch(args.micro_batch_size or args.pairs_per_step)
 
 
 def _host_peak_gb() -> float:
@@ -282,32 +457,38 @@ def markdown(args: argparse.Namespace, device: torch.device, peak_tflops: float,
     """The results as a markdown section (appended to RESULTS.md)."""
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"\n## LoRA DPO training: {args.config}, {args.pairs_per_step} pairs x {args.seq_len} tokens per step, "
-             f"LoRA r{args.lora_r}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}"
+             f"LoRA r{args.lora_r}, gradient checkpointing {'on' if args.checkpointing else 'off'}"
              f"{', ' + ', '.join(our_options(args)) if our_options(args) else ''}\n",
              f"- machine: {machine_description(device)}; measured matmul peak {peak_tflops:.3g} TFLOP/s "
              f"({'bf16' if device.type == 'cuda' else 'float32'})",
              f"- date: {when}; versions: {versions()}",
              f"- command: `{' '.join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}`",
              f"- model FLOPs/token (6N + 12LHQT): {per_token / 1e9:.3g} GFLOP; timed steps: {args.steps} "
-             f"after {args.warmup_steps} warm-up" + (f"\n- note: {args.note}" if args.note else "") + "\n",
-             "| trainer | policy tokens/s | computed tokens/s | MFU | step (s) | peak memory (GiB) | reference pass tokens/s |",
-             "|---|---|---|---|---|---|---|"]
+             f"after {args.warmup_steps} warm-up"
+             + (f"; responses shortened by up to {args.length_spread:.0%}" if args.length_spread else "")
+             + (f"\n- note: {args.note}" if args.note else "") + "\n",
+             "| trainer | policy tokens/s | computed tokens/s | MFU | step (s) | peak memory (GiB) | reference pass tokens/s | flags |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, row in results.items():
         mfu = row["computed_tokens_per_s"] * per_token / (peak_tflops * 1e12)
         lines.append(f"| {name} | {row['tokens_per_s']:,.0f} | {row['computed_tokens_per_s']:,.0f} | {mfu:.1%} | "
-                     f"{row['step_seconds']:.3f} | {row['peak_memory_gb']:.2f} | {_rate(row['reference_tokens_per_s'])} |")
+                     f"{row['step_seconds']:.3f} | {row['peak_memory_gb']:.2f} | {_rate(row['reference_tokens_per_s'])} | "
+                     f"{row['flags']} |")
     if len(results) == 2:
         ours, theirs = results.values()
         lines.append(f"\ncharacter-baker vs TRL: tokens/s x{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}, "
-                     f"peak memory x{ours['peak_memory_gb'] / theirs['peak_memory_gb']:.2f}")
+                     f"peak memory x{ours['peak_memory_gb'] / theirs['peak_memory_gb']:.2f}; our reference pass runs at "
+                     f"x{ours['reference_tokens_per_s'] / ours['tokens_per_s']:.2f} our training tokens/s")
     return "\n".join(lines) + "\n"
 
 
 def our_options(args: argparse.Namespace) -> list[str]:
     """Our trainer's non-default switches in this run, for the section title."""
-    names = {"compile": "torch.compile", "no_share_prompt": "no prefix sharing", "offload_optimizer": "optimizer offload",
+    names = {"compile": "torch.compile", "no_share_prompt": "no prefix sharing", "pack_pairs": "packed pairs",
+             "offload_optimizer": "optimizer offload",
              "offload_activations": "activation offload", "offload_embeddings": "embedding offload"}
-    return [f"{label} (ours)" for key, label in names.items() if getattr(args, key)]
+    library = {"offload_optimizer", "offload_activations"} if args.offload_impl == "library" else set()
+    return [f"{label} ({'library' if key in library else 'ours'})" for key, label in names.items() if getattr(args, key)]
 
 
 def _rate(value: float) -> str:
@@ -323,10 +504,12 @@ def print_table(args: argparse.Namespace, peak_tflops: float, per_token: float, 
     table.add_column("trainer", no_wrap=True)
     for column in ("policy tokens/s", "computed tokens/s", "MFU", "step (s)", "peak GiB", "reference tokens/s"):
         table.add_column(column, justify="right")
+    table.add_column("flags")
     for name, row in results.items():
         mfu = row["computed_tokens_per_s"] * per_token / (peak_tflops * 1e12)
         table.add_row(name, f"{row['tokens_per_s']:,.0f}", f"{row['computed_tokens_per_s']:,.0f}", f"{mfu:.1%}",
-                      f"{row['step_seconds']:.3f}", f"{row['peak_memory_gb']:.2f}", _rate(row["reference_tokens_per_s"]))
+                      f"{row['step_seconds']:.3f}", f"{row['peak_memory_gb']:.2f}", _rate(row["reference_tokens_per_s"]),
+                      row["flags"])
     Console().print(table)
 
 
@@ -337,9 +520,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (prompt + response)")
     parser.add_argument("--pairs-per-step", type=int, default=4, help="preference pairs per optimiser step")
     parser.add_argument("--micro-batch-size", type=int, default=None, help="pairs per forward (default: all)")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--gradient-checkpointing", nargs="?", const="on", default="off", choices=("on", "off", "both"),
+                        help="on (the bare flag), off, or both: the whole comparison with it on, then off")
+    parser.add_argument("--trl-flags", default="best", choices=("best", "default"),
+                        help="best: torch_compile, liger kernels when installed; default: neither (both precompute "
+                             "the reference and follow --gradient-checkpointing)")
+    parser.add_argument("--offload-impl", default="ours", choices=("ours", "library"),
+                        help="who implements --offload-optimizer/--offload-activations: ours, or torchao's "
+                             "CPUOffloadOptimizer and torch's save_on_cpu(pin_memory=True)")
     parser.add_argument("--compile", action="store_true", help="torch_compile=True (our trainer only)")
     parser.add_argument("--no-share-prompt", action="store_true", help="share_prompt=False: two rows per pair (ours)")
+    parser.add_argument("--pack-pairs", action="store_true", help="pack_pairs=True: several pairs per row (ours)")
+    parser.add_argument("--length-spread", type=float, default=0.0,
+                        help="shorten each response by a random share in [0, this) (0: every sequence is --seq-len)")
     parser.add_argument("--offload-optimizer", action="store_true", help="offload_optimizer=True (ours)")
     parser.add_argument("--offload-activations", action="store_true", help="offload_activations=True (ours)")
     parser.add_argument("--offload-embeddings", action="store_true", help="offload_embeddings=True (ours)")
@@ -369,13 +562,27 @@ def main(argv: list[str] | None = None) -> int:
     peak_tflops = matmul_tflops(device, dtype)
     config = model_config(args.config)
     tokenizer = synthetic_tokenizer(config.vocab_size)
-    records = synthetic_records(args.pairs_per_step * (args.steps + args.warmup_steps), args.seq_len, config.vocab_size)
-    results, leftovers = {}, []
+    records = synthetic_records(args.pairs_per_step * (args.steps + args.warmup_steps), args.seq_len, config.vocab_size,
+                                spread=args.length_spread)
+    if args.offload_impl == "library" and args.offload_optimizer and (
+            device.type != "cuda" or importlib.util.find_spec("torchao") is None):
+        raise SystemExit("--offload-impl library --offload-optimizer runs torchao's CPUOffloadOptimizer: "
+                         "it needs a CUDA GPU and `pip install torchao`")
     trainers = [("character-baker", run_ours)]
     if not args.no_trl and importlib.util.find_spec("trl") is not None:
         import trl
 
         trainers.append((f"TRL {trl.__version__} DPOTrainer", run_trl))
+    for checkpointing in (True, False) if args.gradient_checkpointing == "both" else (args.gradient_checkpointing == "on",):
+        args.checkpointing = checkpointing
+        compare(args, device, dtype, peak_tflops, config, tokenizer, records, trainers)
+    return 0
+
+
+def compare(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, peak_tflops: float, config: Any,
+            tokenizer: Any, records: list[dict], trainers: list[tuple[str, Callable]]) -> None:
+    """Run every trainer on a fresh model of the same shapes; print and append one results section."""
+    results, leftovers = {}, []
     per_token = 0.0
     for name, run in trainers:
         before = _allocated_gb(device)
@@ -394,7 +601,6 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.results, "a", encoding="utf-8") as handle:
         handle.write(section)
     print(section)
-    return 0
 
 
 if __name__ == "__main__":

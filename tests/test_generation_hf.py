@@ -99,6 +99,16 @@ def test_sampling_is_seeded_and_top_p_narrows_to_greedy(tiny_lm):
         CONVERSATIONS, GREEDY.model_copy(update={"max_new_tokens": 10}))
 
 
+def test_generate_engine_samples_with_our_sampler(tiny_lm):
+    """Both engines draw from `sampling.sample_tokens` with the same generator: same seed, same tokens."""
+    model, tokenizer = tiny_lm
+    hot = SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=3)
+    static = HFBackend(model, tokenizer, engine="static").generate(CONVERSATIONS, hot, n=2)
+    generate = HFBackend(model, tokenizer, engine="generate").generate(CONVERSATIONS, hot, n=2)
+    assert static == generate
+    assert any(row[0].text != row[1].text for row in static)
+
+
 def test_sample_tokens_follows_temperature_and_top_p():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.2])).repeat(20000, 1)
     generator = torch.Generator().manual_seed(0)
@@ -220,7 +230,7 @@ def test_a_shared_prompt_prefix_is_encoded_once_with_the_same_logits(tiny_tok):
                                             return_dict=False)
                for question in ("Who are you?", "What is the capital of France, matey?")]
     prefix = decoding.shared_prefix_length(prompts)
-    assert prefix >= decoding.MIN_SHARED_PREFIX
+    assert prefix >= decoding.MIN_SHARED_PREFIX["cuda"]
 
     def first_logits(shared: int) -> torch.Tensor:
         ids, real = decoding.prefix_then_left_pad(prompts, shared, 0, torch.device("cpu"))
@@ -231,3 +241,37 @@ def test_a_shared_prompt_prefix_is_encoded_once_with_the_same_logits(tiny_tok):
 
     torch.testing.assert_close(first_logits(prefix), first_logits(0), rtol=1e-4, atol=1e-5)
     assert decoding.shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # each row keeps a token of its own
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["no-prefix", "shared-prefix"])
+def test_grouped_prefill_and_trimmed_attention_give_the_same_logits(tiny_tok, shared):
+    """CPU decoding: prefill in row groups over their own columns, attention over written columns only."""
+    from character_baker.backends.generation import decoding
+    from character_baker.testing import tiny_model
+
+    model = tiny_model("llama", tiny_tok)
+    questions = ["Hi", "Who are you?", "Tell me about the sea and the wind.",
+                 "Write a poem about the ocean, the wind, the ship and the long night watch."]
+    system = [{"role": "system", "content": "You are Captain Rook. " * 4}] if shared else []
+    prompts = sorted((tiny_tok.apply_chat_template(system + [{"role": "user", "content": q}],
+                                                   add_generation_prompt=True, return_dict=False) for q in questions),
+                     key=len)
+    prefix = decoding.shared_prefix_length(prompts) if shared else 0
+    ids, real = decoding.prefix_then_left_pad(prompts, prefix, 0, torch.device("cpu"))
+
+    def run(groups: int, trim: bool) -> list[torch.Tensor]:
+        state = decoding._DecodeState(model, ids, real, 3, shared_prefix=prefix, prefill_groups=groups)
+        state.trim = trim
+        with torch.inference_mode():
+            state.prefill()
+            steps = [state.logits.clone()]
+            for _ in range(2):
+                state.tokens.copy_(steps[-1].argmax(-1, keepdim=True))
+                state.step()
+                steps.append(state.logits.clone())
+        return steps
+
+    plain = run(groups=1, trim=False)
+    assert len(decoding.row_groups(real, prefix, 3)) == 3
+    for ours, reference in zip(run(groups=3, trim=True), plain):
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)

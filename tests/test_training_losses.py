@@ -33,6 +33,42 @@ def test_chunked_logprobs_and_gradients_match_unchunked():
     torch.testing.assert_close(lm_head.weight.grad, expected_head_grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_fused_chunks_give_the_checkpointed_chunks_numbers(monkeypatch, head_trains):
+    """The hand-written backward (FusedChunkedLogProbs) against autograd through checkpointed chunks, float32."""
+    from character_baker.stages.training import losses
+
+    torch.manual_seed(2)
+    lm_head = torch.nn.Linear(24, 300, bias=False).requires_grad_(head_trains)
+    hidden, labels, weights = torch.randn(53, 24), torch.randint(0, 300, (53,)), torch.randn(53)
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(losses, "_fusable", lambda head, fused=fused: fused)
+        states = hidden.clone().requires_grad_(True)
+        lm_head.weight.grad = None
+        logps = chunked_token_logprobs(states, lm_head, labels, chunk_size=8)
+        (logps * weights).sum().backward()
+        results[fused] = (logps.detach(), states.grad, lm_head.weight.grad)
+    for ours, theirs in zip(results[True], results[False]):
+        if theirs is None:
+            assert ours is None and not head_trains
+        else:
+            torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    monkeypatch.undo()  # by default a plain bias-free head takes the fused path
+    assert type(chunked_token_logprobs(hidden.requires_grad_(True), lm_head, labels).grad_fn).__name__ == \
+        "FusedChunkedLogProbsBackward"
+
+
+def test_output_heads_with_a_bias_or_hooks_take_the_checkpointed_path():
+    from character_baker.stages.training.losses import _fusable
+
+    assert _fusable(torch.nn.Linear(4, 9, bias=False))
+    assert not _fusable(torch.nn.Linear(4, 9, bias=True))
+    hooked = torch.nn.Linear(4, 9, bias=False)
+    hooked.register_forward_pre_hook(lambda module, args: None)
+    assert not _fusable(hooked)
+
+
 def test_chunked_kl_matches_full_vocabulary_float64():
     torch.manual_seed(1)
     lm_head = torch.nn.Linear(8, 30, bias=False)

@@ -209,6 +209,10 @@ class DistillConfig(TrainingConfig):
         True, description="Prefix sharing: each pair runs as one row [prompt | chosen | rejected] whose rejected tokens "
                           "cannot see the chosen ones, so the prompt is computed once (Wang et al. 2024); same loss, "
                           "fewer tokens. Needs SDPA or eager attention and no push/pull regulariser (else two rows).")
+    pack_pairs: bool = Field(
+        False, description="With share_prompt: several pairs per row, placed longest first into rows as wide as the "
+                           "micro-batch's longest pair, each pair seeing only its own tokens (block mask, positions "
+                           "restart per pair): short pairs fill the padding of long ones. Same loss and gradients.")
     heldout_fraction: float = Field(0.05, ge=0.0, lt=1.0,
                                     description="Share of prompts (all their pairs) held out of training to measure "
                                                 "reward accuracy and margin after it.")

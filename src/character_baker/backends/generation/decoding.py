@@ -1,8 +1,8 @@
 """Two ways to decode one padded batch with a Hugging Face causal LM.
 
 `static_decode` is the fast path: a preallocated KV cache, an explicit 4D attention mask and
-position ids (so left padding never changes results), on-device sampling (temperature, top_p)
-and stop detection with one host sync every few steps, and on CUDA the whole decode step
+position ids (so left padding never changes results), on-device sampling (temperature, top_p;
+`sampling.sample_tokens`, exact and sort-free) and stop detection with one host sync every few steps, and on CUDA the whole decode step
 (forward + cache write + mask update) replayed as a CUDA graph, which removes the per-kernel
 CPU launch overhead that bounds plain `model.generate` on small models. Under sdpa, one-token
 steps use `packed_gqa_sdpa`, which reads each kv head once instead of copying it per query head.
@@ -10,9 +10,9 @@ It works for decoder models with full attention under the `sdpa` or `eager` impl
 On one H100, SmolLM2-135M (bf16), 256 prompts x 256 tokens at batch 256: ~31k tokens/s vs ~1.9-3.4k
 for plain `model.generate` (benchmarks/RESULTS.md).
 
-`generate_decode` is the padded-batch fallback: plain `model.generate` on the same batch, used
-for every other model (sliding-window attention, flash-attention, ...) and as the benchmark's
-baseline.
+`generate_decode` is the padded-batch fallback: `model.generate` on the same batch, used for every
+other model (sliding-window attention, flash-attention, ...); it draws tokens with the same sampler,
+through a logits processor. (The benchmark's "plain generate" baseline is generate's own sampling.)
 """
 
 from __future__ import annotations
@@ -25,9 +25,14 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from character_baker.backends.generation.sampling import sample_tokens
+
 logger = logging.getLogger(__name__)
 
-MIN_SHARED_PREFIX = 64  # shorter common prefixes are cheaper to recompute than to split the prefill
+# Shorter common prefixes are cheaper to recompute than to split the prefill: on a GPU, which is
+# launch-bound at these sizes; a CPU is compute-bound, so almost any shared prefix pays there.
+MIN_SHARED_PREFIX = {"cuda": 64, "cpu": 8}
+CPU_PREFILL_GROUPS = 4  # row groups of the CPU prefill (each over its own columns: little padding compute)
 STOP_CHECK_EVERY = 8  # decode steps between host syncs that ask "has every row stopped?"
 PACKED_GQA_SDPA = "character_baker_packed_gqa_sdpa"  # our attention function's name in transformers' registry
 
@@ -53,22 +58,6 @@ class DecodedRow:
     stopped: bool
 
 
-def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
-                  generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row from [batch, vocab] float logits, on device and without a host sync."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    order = None
-    if top_p < 1.0:
-        probs, order = probs.sort(dim=-1, descending=True)
-        probs = probs * (probs.cumsum(dim=-1) - probs < top_p)  # the most likely token is always kept
-    # Exponential race: argmax(p / E), E ~ Exp(1), samples index i with probability p_i.
-    noise = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=1e-20)
-    choice = (probs / noise).argmax(dim=-1)
-    return choice if order is None else order.gather(-1, choice[:, None]).squeeze(-1)
-
-
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """[batch, longest] ids and a bool mask of real tokens, padded on the left."""
     longest = max(len(p) for p in prompts)
@@ -92,34 +81,40 @@ def split_rows(generated: torch.Tensor, eos_ids: tuple[int, ...], ignore_eos: bo
 class StaticKVCache:
     """Preallocated keys/values per layer; `update` writes at `write_positions` (a device tensor).
 
-    Duck-types the part of transformers' `Cache` that decoder layers call, so its behaviour does
-    not move with transformers releases (5.x changed how static caches find their write position).
+    `rows` (a slice) is the rows the next forward writes and reads (a prefill group), `visible`
+    how many columns attention reads back: the written ones on a CPU, every column under CUDA
+    graphs (whose shapes are fixed at capture). Duck-types the part of transformers' `Cache` that
+    decoder layers call, so its behaviour does not move with transformers releases (5.x changed
+    how static caches find their write position).
     """
 
     is_compileable = True
 
-    def __init__(self, max_length: int):
-        self.max_length = max_length
+    def __init__(self, max_length: int, batch: int):
+        self.max_length, self.batch = max_length, batch
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.write_positions: torch.Tensor | None = None
+        self.rows = slice(None)
+        self.visible = max_length
         self.prompt_length = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's keys/values of one layer and return the whole layer cache."""
+        """Write this step's keys/values of one layer; return the layer's visible cache of `rows`."""
         if layer_idx == len(self.keys):
-            shape = (*key_states.shape[:2], self.max_length)
+            shape = (self.batch, key_states.shape[1], self.max_length)
             self.keys.append(key_states.new_zeros(*shape, key_states.shape[-1]))
             self.values.append(value_states.new_zeros(*shape, value_states.shape[-1]))
-        self.keys[layer_idx].index_copy_(2, self.write_positions, key_states)
-        self.values[layer_idx].index_copy_(2, self.write_positions, value_states)
-        return self.keys[layer_idx], self.values[layer_idx]
+        keys, values = self.keys[layer_idx][self.rows], self.values[layer_idx][self.rows]
+        keys.index_copy_(2, self.write_positions, key_states)
+        values.index_copy_(2, self.write_positions, value_states)
+        return keys[:, :, :self.visible], values[:, :, :self.visible]
 
-    def broadcast_rows(self, batch: int) -> None:
-        """Copy the single row written so far (a shared prompt prefix) into `batch` rows."""
-        self.keys = [k.expand(batch, *k.shape[1:]).contiguous() for k in self.keys]
-        self.values = [v.expand(batch, *v.shape[1:]).contiguous() for v in self.values]
+    def copy_first_row(self, columns: int) -> None:
+        """Copy row 0's first `columns` keys/values (a shared prompt prefix) into every row."""
+        for cache in (*self.keys, *self.values):
+            cache[1:, :, :columns] = cache[:1, :, :columns]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens before the current step (only older transformers ask; positions are explicit)."""
@@ -130,22 +125,31 @@ class StaticKVCache:
 
 
 class _DecodeState:
-    """The static buffers of one batch's decode loop and the step that advances them."""
+    """The static buffers of one batch's decode loop and the step that advances them.
+
+    On a CPU (`trim`), attention reads only the cache columns written so far, and the prompts are
+    prefilled in `prefill_groups` groups of rows (rows come sorted by prompt length), each over
+    the columns its own rows need, so left padding costs little compute. On CUDA every shape stays
+    fixed, as CUDA graphs need.
+    """
 
     def __init__(self, model: Any, ids: torch.Tensor, real: torch.Tensor, max_new_tokens: int,
-                 shared_prefix: int = 0):
+                 shared_prefix: int = 0, prefill_groups: int = 1):
         batch, prompt_length = ids.shape
         self.shared_prefix = shared_prefix
         self.model = model
         self.dtype = model.get_input_embeddings().weight.dtype
-        self.cache = StaticKVCache(prompt_length + max_new_tokens)
+        self.cache = StaticKVCache(prompt_length + max_new_tokens, batch)
         self.cache.prompt_length = prompt_length
+        self.trim = ids.device.type != "cuda"
+        self.written = prompt_length  # columns of the cache written so far (host-side count)
         blocked = torch.finfo(self.dtype).min
         # Additive key mask [batch, 1, 1, max_length]: 0 = attend, min = blocked.
         self.mask = torch.full((batch, 1, 1, self.cache.max_length), blocked, dtype=self.dtype, device=ids.device)
         self.mask[:, 0, 0, :prompt_length].masked_fill_(real, 0.0)
         positions = (real.long().cumsum(-1) - 1).clamp_(min=0)
         self.prompt = (ids, positions)
+        self.groups = row_groups(real, shared_prefix, prefill_groups)
         self.tokens = torch.zeros((batch, 1), dtype=torch.long, device=ids.device)
         self.positions = positions[:, -1:] + 1
         self.write_position = torch.tensor([prompt_length], dtype=torch.long, device=ids.device)
@@ -156,11 +160,14 @@ class _DecodeState:
                             past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return output.logits[:, -1]
 
-    def _prefill_rows(self, ids: torch.Tensor, positions: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    def _prefill_rows(self, rows: slice, start: int, end: int) -> torch.Tensor:
         """Run prompt columns [start, end) of the given rows, writing their keys/values; return last logits."""
-        causal = torch.ones(end, self.cache.max_length, dtype=torch.bool, device=ids.device).tril_()[start:]
-        mask = self.mask[: ids.shape[0]].expand(-1, -1, end - start, -1)
+        ids, positions = (tensor[rows] for tensor in self.prompt)
+        visible = end if self.trim else self.cache.max_length
+        causal = torch.ones(end, visible, dtype=torch.bool, device=ids.device).tril_()[start:]
+        mask = self.mask[rows, :, :, :visible].expand(-1, -1, end - start, -1)
         mask = mask.masked_fill(~causal, torch.finfo(self.dtype).min)
+        self.cache.rows, self.cache.visible = rows, visible
         self.cache.write_positions = torch.arange(start, end, device=ids.device)
         return self._forward(ids[:, start:end], positions[:, start:end], mask)
 
@@ -170,20 +177,37 @@ class _DecodeState:
         A prefix shared by every row (e.g. the teacher's system prompt) is run once, on one row,
         and its keys/values copied to all rows; only the rest of each prompt is run per row.
         """
-        ids, positions = self.prompt
-        start = self.shared_prefix
-        if start:
-            self._prefill_rows(ids[:1], positions[:1], 0, start)
-            self.cache.broadcast_rows(ids.shape[0])
-        self.logits = self._prefill_rows(ids, positions, start, ids.shape[1]).float()
+        prompt_length = self.prompt[0].shape[1]
+        if self.shared_prefix:
+            self._prefill_rows(slice(0, 1), 0, self.shared_prefix)
+            self.cache.copy_first_row(self.shared_prefix)
+        self.logits = torch.cat([self._prefill_rows(rows, start, prompt_length) for rows, start in self.groups]).float()
+        self.cache.rows = slice(None)
         self.cache.write_positions = self.write_position
 
     def step(self) -> None:
         """Feed `tokens`, write their keys/values, refresh `logits`, advance the positions."""
         self.mask.index_fill_(3, self.write_position, 0.0)
-        self.logits.copy_(self._forward(self.tokens, self.positions, self.mask))
+        visible = self.written + 1 if self.trim else self.cache.max_length
+        self.cache.visible = visible
+        self.logits.copy_(self._forward(self.tokens, self.positions, self.mask[..., :visible]))
         self.positions.add_(1)
         self.write_position.add_(1)
+        self.written += 1
+
+
+def row_groups(real: torch.Tensor, shared_prefix: int, groups: int) -> list[tuple[slice, int]]:
+    """(rows, first column any of them needs) for `groups` equal runs of rows, after the shared prefix.
+
+    Rows are sorted by prompt length (shortest first), so a run's longest prompt sets its start.
+    """
+    batch = real.shape[0]
+    groups = max(1, min(groups, batch))
+    if groups == 1:
+        return [(slice(None), shared_prefix)]
+    first_real = real[:, shared_prefix:].long().argmax(dim=-1).tolist()  # left padding: first real column
+    bounds = [round(i * batch / groups) for i in range(groups + 1)]
+    return [(slice(lo, hi), shared_prefix + min(first_real[lo:hi])) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
 
 
 def packed_gqa_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -273,9 +297,10 @@ def prefix_then_left_pad(prompts: list[list[int]], prefix: int, pad_id: int,
 def _static_decode(model: Any, prompts: list[list[int]], settings: DecodeSettings, seed: int) -> list[DecodedRow]:
     device = model.get_input_embeddings().weight.device
     prefix = shared_prefix_length(prompts) if len(prompts) > 1 else 0
-    prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
+    prefix = prefix if prefix >= MIN_SHARED_PREFIX.get(device.type, MIN_SHARED_PREFIX["cuda"]) else 0
     ids, real = prefix_then_left_pad(prompts, prefix, settings.pad_id, device)
-    state = _DecodeState(model, ids, real, settings.max_new_tokens, shared_prefix=prefix)
+    groups = CPU_PREFILL_GROUPS if device.type == "cpu" else 1
+    state = _DecodeState(model, ids, real, settings.max_new_tokens, shared_prefix=prefix, prefill_groups=groups)
     generator = torch.Generator(device=device).manual_seed(seed)
     eos = torch.tensor(settings.eos_ids or (-1,), device=device)
     generated = torch.full((len(prompts), settings.max_new_tokens), settings.pad_id, dtype=torch.long, device=device)
@@ -299,18 +324,36 @@ def _static_decode(model: Any, prompts: list[list[int]], settings: DecodeSetting
     return split_rows(generated[:, :t + 1].cpu(), settings.eos_ids, settings.ignore_eos)
 
 
+class SampledTokenProcessor:
+    """A `model.generate` logits processor that draws the next token with `sample_tokens`.
+
+    It leaves 0 on the drawn token and -inf everywhere else, so greedy `generate` (do_sample=False)
+    emits it: generate's own sampling (a sort of the vocabulary for top_p, then `multinomial`) never
+    runs. Processors generate adds itself (e.g. min_new_tokens masking end-of-turn) run before it.
+    """
+
+    def __init__(self, temperature: float, top_p: float, generator: torch.Generator):
+        self.temperature, self.top_p, self.generator = temperature, top_p, generator
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """[batch, vocab] scores -> 0 at each row's drawn token, -inf elsewhere."""
+        tokens = sample_tokens(scores, self.temperature, self.top_p, self.generator)
+        return torch.full_like(scores, -torch.inf).scatter_(1, tokens[:, None], 0.0)
+
+
 def generate_decode(model: Any, prompts: list[list[int]], settings: DecodeSettings, seed: int) -> list[DecodedRow]:
-    """Decode one left-padded batch with plain `model.generate` (the fallback and the baseline)."""
+    """Decode one left-padded batch with `model.generate` (the fallback), sampling with `sample_tokens`."""
+    from transformers import LogitsProcessorList
+
     device = model.get_input_embeddings().weight.device
     ids, real = left_pad(prompts, settings.pad_id, device)
     options: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, eos_token_id=list(settings.eos_ids),
-                                   pad_token_id=settings.pad_id, do_sample=settings.temperature > 0)
+                                   pad_token_id=settings.pad_id, do_sample=False)
     if settings.temperature > 0:
-        options.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        sampler = SampledTokenProcessor(settings.temperature, settings.top_p, generator)
+        options.update(logits_processor=LogitsProcessorList([sampler]))
     if settings.ignore_eos:
         options.update(min_new_tokens=settings.max_new_tokens)
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        output = model.generate(input_ids=ids, attention_mask=real.long(), **options)
+    output = model.generate(input_ids=ids, attention_mask=real.long(), **options)
     return split_rows(output[:, ids.shape[1]:].cpu(), settings.eos_ids, settings.ignore_eos)

@@ -9,8 +9,9 @@ hash of the tokens, with the base model's fingerprint in the file's metadata: a 
 resume) reuses every entry that still matches and computes only what is missing.
 
 Chosen and rejected run in one forward: with `share_prompt` (the default) each pair is one row
-whose prompt is computed once (prefix sharing, see `packing`); otherwise rows [chosen...,
-rejected...] of one padded batch. Both layouts give the same log-probs.
+whose prompt is computed once (prefix sharing, see `packing`; `pack_pairs` puts several pairs in
+a row); otherwise rows [chosen..., rejected...] of one padded batch. Every layout gives the same
+log-probs. The reference pass batches `REFERENCE_BATCH_FACTOR` micro-batches per forward.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import hashlib
 import os
 import time
 from array import array
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,6 +39,14 @@ from character_baker.stages.training.tokenize import TokenizedPair, tokenize_pre
 from character_baker.stages.training.trainer import ExtraLoss, run_training, sum_counts
 
 REFERENCE_FILE = "reference_logps.safetensors"
+# The reference pass keeps no activations for backward, so a batch this many times the training
+# micro-batch fits in the memory training needs, and costs fewer, larger forwards.
+REFERENCE_BATCH_FACTOR = 4
+
+
+def reference_pairs_per_batch(micro_batch_size: int) -> int:
+    """Pairs per forward of the reference log-prob pass, for a training micro-batch of `micro_batch_size` pairs."""
+    return REFERENCE_BATCH_FACTOR * micro_batch_size
 
 
 def pair_key(pair: TokenizedPair) -> str:
@@ -54,10 +64,11 @@ def model_fingerprint(model: nn.Module) -> str:
     return stable_hash([getattr(config, "_name_or_path", ""), described, str(next(model.parameters()).dtype)])
 
 
-def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int, share_prompt: bool = False) -> Batch:
-    """One padded batch: one prefix-shared row per pair, or rows [chosen_1..chosen_n, rejected_1..rejected_n]."""
+def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int, share_prompt: bool = False,
+                  pack: bool = False) -> Batch:
+    """One padded batch: prefix-shared rows (one pair each, or several with `pack`), or rows [chosen..., rejected...]."""
     if share_prompt:
-        return collate_shared_prefix(pairs, pad_token_id)
+        return collate_shared_prefix(pairs, pad_token_id, pack)
     batch = collate_sequences([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_token_id)
     batch.ids = [pair.id for pair in pairs]
     return batch
@@ -86,23 +97,21 @@ def _unwrap(model: nn.Module) -> ResponseScorer:
     return extract_model_from_parallel(model)
 
 
-@torch.no_grad()
 def score_pairs(model: nn.Module, pairs: Sequence[TokenizedPair], pad_token_id: int, batch_size: int,
-                adapter: bool = True, share_prompt: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{pair_key: (chosen token log-probs, rejected token log-probs)} on the CPU, in eval mode."""
+                adapter: bool = True, share_prompt: bool = False,
+                pack: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{pair_key: (chosen token log-probs, rejected token log-probs)} on the CPU, in eval and inference mode."""
     scorer, was_training = _unwrap(model), model.training
     model.eval()
     scores = {}
     try:
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start:start + batch_size]
-            batch = collate_pairs(chunk, pad_token_id, share_prompt).to(next(model.parameters()).device)
-            if adapter:
+            batch = collate_pairs(chunk, pad_token_id, share_prompt, pack).to(next(model.parameters()).device)
+            with torch.inference_mode(), (nullcontext() if adapter else scorer.adapter_disabled()):
                 token_logps, counts = score_batch(model, batch)
-            else:
-                with scorer.adapter_disabled():
-                    token_logps, counts = score_batch(model, batch)
-            rows = token_logps.float().cpu().split(counts.tolist())
+            # Cloned outside inference mode: ordinary tensors, which the training loss may use.
+            rows = token_logps.float().cpu().clone().split(counts.tolist())
             for index, pair in enumerate(chunk):
                 scores[pair_key(pair)] = (rows[index].clone(), rows[index + len(chunk)].clone())
     finally:
@@ -135,7 +144,7 @@ def _write_cache(path: Path, fingerprint: str, cache: dict[str, tuple[torch.Tens
 
 
 def reference_logps(model: nn.Module, pairs: Sequence[TokenizedPair], path: Path, pad_token_id: int,
-                    batch_size: int, share_prompt: bool = False
+                    batch_size: int, share_prompt: bool = False, pack: bool = False
                     ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
     """Cached reference (adapter off) token log-probs of every pair, computing only missing ones; (cache, computed)."""
     from accelerate import PartialState
@@ -154,7 +163,8 @@ def reference_logps(model: nn.Module, pairs: Sequence[TokenizedPair], path: Path
     mine += [batches[0]] * (rounds - len(mine))
     scores = {}
     for batch in mine:
-        scores.update(score_pairs(model, batch, pad_token_id, len(batch), adapter=False, share_prompt=share_prompt))
+        scores.update(score_pairs(model, batch, pad_token_id, len(batch), adapter=False, share_prompt=share_prompt,
+                                  pack=pack))
     if state.num_processes > 1:
         scores = dict(item for part in gather_object([scores]) for item in part.items())
     cache.update(scores)
@@ -174,6 +184,7 @@ class DpoObjective:
     stage: str = "distill"
     reference_batch_size: int = 4
     share_prompt: bool = False
+    pack_pairs: bool = False
     name: str = "dpo"
     _reference: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
@@ -187,13 +198,13 @@ class DpoObjective:
         started = time.perf_counter()
         # Padding sits right of every real token and is masked, so its id cannot change a log-prob.
         self._reference, computed = reference_logps(model, dataset, path, 0, self.reference_batch_size,
-                                                    self.share_prompt)
+                                                    self.share_prompt, self.pack_pairs)
         return {"reference_file": str(path), "reference_computed": computed, "reference_reused": len(dataset) - computed,
                 "reference_seconds": time.perf_counter() - started}
 
     def collate(self, pairs: Sequence[TokenizedPair], pad_token_id: int) -> Batch:
         """Chosen and rejected rows in one batch, with the reference log-probs aligned to its trained tokens."""
-        batch = collate_pairs(pairs, pad_token_id, self.share_prompt)
+        batch = collate_pairs(pairs, pad_token_id, self.share_prompt, self.pack_pairs)
         references = [self._reference[pair_key(pair)] for pair in pairs]
         batch.extras["ref_logps"] = torch.cat([c for c, _ in references] + [r for _, r in references])
         batch.counts = sum_counts([self.counts(pair) for pair in pairs])
@@ -249,7 +260,8 @@ def train_dpo(run_dir: RunDir, records: list[dict], model: nn.Module, tokenizer:
     # The push/pull regulariser reads [rows, seq] activations of whole sequences: two-row layout.
     share = cfg.share_prompt and not extra_losses and can_share_prompt(model)
     objective = DpoObjective(beta=cfg.beta, nll_coef=cfg.nll_coef, kl_coef=cfg.kl_coef, stage=stage,
-                             reference_batch_size=cfg.micro_batch_size, share_prompt=share)
+                             reference_batch_size=reference_pairs_per_batch(cfg.micro_batch_size), share_prompt=share,
+                             pack_pairs=share and cfg.pack_pairs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     restore = use_flex_attention(model) if share else None  # GPU: block-sparse attention for the packed rows
     try:

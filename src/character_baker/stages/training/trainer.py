@@ -310,8 +310,8 @@ class LoraTrainer:
         """What a checkpoint must match to be resumed: the data, the objective and the settings that shape the run."""
         settings = self.cfg.model_dump(exclude={"save_steps", "save_total_limit", "report_to", "micro_batch_size",
                                                 "gradient_checkpointing", "logprob_chunk_size", "torch_compile",
-                                                "share_prompt", "offload_activations", "offload_embeddings",
-                                                "monitor"})
+                                                "share_prompt", "pack_pairs", "offload_activations",
+                                                "offload_embeddings", "monitor"})
         extras = [getattr(extra, "fingerprint", extra.name) for extra in self.extra_losses]
         return stable_hash([self.stage, self.objective.name, settings, [getattr(e, "id", "") for e in self.examples],
                             [len(e) for e in self.examples], extras])
