@@ -169,3 +169,41 @@ def test_threshold_search_reads_nothing_on_the_host():
 
 def test_decoding_keeps_its_sampler_name():
     assert decoding.sample_tokens is sampling.sample_tokens
+
+
+def test_repetition_penalty_lowers_only_tokens_the_row_has_generated():
+    from character_baker.backends.generation.sampling import RepetitionPenalty
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [2.0, -1.0, 0.5, 3.0]])
+    penalty = RepetitionPenalty(2, 4, 2.0, torch.device("cpu"))
+    assert torch.equal(penalty(logits), logits)  # nothing generated yet (prompt tokens never count)
+    penalty.update(torch.tensor([0, 1]))
+    penalty.update(torch.tensor([3, 1]))
+    expected = torch.tensor([[1.0, -1.0, 0.5, 1.5], [2.0, -2.0, 0.5, 3.0]])
+    assert torch.equal(penalty(logits), expected)
+    off = RepetitionPenalty(2, 4, 1.0, torch.device("cpu"))
+    off.update(torch.tensor([0, 1]))
+    assert torch.equal(off(logits), logits)
+
+
+def test_a_repetition_penalty_makes_greedy_decoding_stop_repeating(tiny_lm):
+    from character_baker.backends.generation.decoding import DecodeSettings, generate_decode, static_decode
+
+    model, tokenizer = tiny_lm
+    prompt = [tokenizer("Ahoy there, matey!", add_special_tokens=False)["input_ids"]]
+    base = dict(temperature=0.0, top_p=1.0, max_new_tokens=24, eos_ids=(), pad_id=0, ignore_eos=True)
+    plain = static_decode(model, prompt, DecodeSettings(**base), seed=0)[0].token_ids
+    strong = DecodeSettings(**base, repetition_penalty=1e6)
+    penalised = static_decode(model, prompt, strong, seed=0)[0].token_ids
+    assert len(set(penalised)) == len(penalised) and len(set(plain)) < len(plain)  # a random tiny model loops greedily
+    assert generate_decode(model, prompt, strong, seed=0)[0].token_ids == penalised  # both engines, same rule
+
+
+def test_http_backends_refuse_a_repetition_penalty():
+    from pydantic import ValidationError
+
+    from character_baker.core.config import Recipe
+
+    with pytest.raises(ValidationError, match="generation.teacher.sampling.repetition_penalty"):
+        Recipe.model_validate({"generation": {"teacher": {"backend": "openai", "sampling": {"repetition_penalty": 1.1}}}})
+    Recipe.model_validate({"generation": {"teacher": {"backend": "vllm", "sampling": {"repetition_penalty": 1.1}}}})

@@ -43,6 +43,11 @@ class SamplingConfig(Section):
     temperature: float = Field(0.7, ge=0.0, description="Published: 0.7. 0 = greedy.")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling. Published: 0.95.")
     max_new_tokens: int = Field(512, ge=1, description="Longest answer in tokens.")
+    repetition_penalty: float = Field(
+        1.0, gt=0, description="CTRL repetition penalty on tokens the answer already contains (1 = off; Open "
+                               "Character Training samples with 1.1). hf: over generated tokens only, so a "
+                               "character card's words are not penalised; vllm: prompt and answer (vLLM's rule); "
+                               "openai/anthropic: not available.")
     seed: int = Field(0, description="Sampling seed (part of the response-cache key).")
 
 
@@ -407,6 +412,12 @@ class Recipe(Section):
             if cfg.batch_size % cfg.micro_batch_size:
                 problems.append(f"{name}.batch_size ({cfg.batch_size}) is not a multiple of {name}.micro_batch_size "
                                 f"({cfg.micro_batch_size}) -- fix: make batch_size a multiple of micro_batch_size")
+        for role in ("teacher", "student", "prompt_writer", "judge", "introspector"):
+            backend = getattr(self.generation, role)
+            if backend is not None and backend.backend in ("openai", "anthropic") \
+                    and backend.sampling.repetition_penalty != 1.0:
+                problems.append(f"generation.{role}.sampling.repetition_penalty: the {backend.backend} backend has no "
+                                f"repetition penalty -- fix: set it to 1.0 (or use the hf or vllm backend)")
         if self.steer.layer_start >= self.steer.layer_end:
             problems.append("steer.layer_start must be below steer.layer_end -- fix: e.g. 0.125 and 0.875")
         if problems:

@@ -31,7 +31,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                        # On a CPU a decode step costs about the same for 4 rows as for 64 (it reads every
                        # weight once), so the smoke run answers in few, wide batches. Chosen answers must
                        # end within the limit (the `truncated` filter), so the teacher gets more room.
-                       "teacher": {"batch_size": 128, "sampling": {"max_new_tokens": 96}},
+                       "teacher": {"batch_size": 128, "sampling": {"max_new_tokens": 96, "repetition_penalty": 1.1}},
                        "student": {"batch_size": 128, "sampling": {"max_new_tokens": 48}},
                        "prompt_writer": {"batch_size": 128, "sampling": {"max_new_tokens": 32}},
                        "judge": {"batch_size": 128}},
@@ -56,11 +56,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": {
         "prompts": {"questions_per_trait": 20, "general_prompts": 300, "synthesized_prompts": 50},
         "generation": {"persona_prompt": "brief",
-                       "teacher": {"batch_size": 256, "sampling": {"max_new_tokens": 512}},
+                       "teacher": {"batch_size": 256, "sampling": {"max_new_tokens": 512, "repetition_penalty": 1.1}},
                        "student": {"batch_size": 256, "sampling": {"max_new_tokens": 512}},
                        "prompt_writer": {"batch_size": 256}, "judge": {"batch_size": 256},
                        # 100M-class models degenerate into repetition on long free-form reflections.
-                       "introspector": {"batch_size": 256, "sampling": {"max_new_tokens": 256}}},
+                       "introspector": {"batch_size": 256, "sampling": {"max_new_tokens": 256,
+                                                                        "repetition_penalty": 1.1}}},
         # Small models take ~30-80 optimiser steps here; the published lr (tuned for 7-8B) barely moves them.
         "distill": {"best_of": 4, "samples_per_prompt": 2, "batch_size": 16, "micro_batch_size": 8, "max_length": 1024,
                     "learning_rate": 2e-4, "epochs": 2},

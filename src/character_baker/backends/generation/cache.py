@@ -33,6 +33,7 @@ def response_key(backend: str, model_id: str, adapter_fingerprint: str, messages
         "backend": backend, "model": model_id, "adapter": adapter_fingerprint, "messages": messages,
         "temperature": sampling.temperature, "top_p": sampling.top_p,
         "max_new_tokens": sampling.max_new_tokens, "seed": sampling.seed, "sample": sample_index,
+        **({"repetition_penalty": sampling.repetition_penalty} if sampling.repetition_penalty != 1.0 else {}),
     }, length=32)
 
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from character_baker.backends.generation.sampling import sample_tokens
+from character_baker.backends.generation.sampling import RepetitionPenalty, sample_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class DecodeSettings:
     pad_id: int
     ignore_eos: bool = False
     cuda_graphs: bool = True
+    repetition_penalty: float = 1.0
 
 
 @dataclass
@@ -306,9 +307,11 @@ def _static_decode(model: Any, prompts: list[list[int]], settings: DecodeSetting
     generated = torch.full((len(prompts), settings.max_new_tokens), settings.pad_id, dtype=torch.long, device=device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     state.prefill()
+    penalty = RepetitionPenalty(len(prompts), state.logits.shape[-1], settings.repetition_penalty, device)
     run_step: Callable[[], None] = state.step
     for t in range(settings.max_new_tokens):
-        next_tokens = sample_tokens(state.logits, settings.temperature, settings.top_p, generator)
+        next_tokens = sample_tokens(penalty(state.logits), settings.temperature, settings.top_p, generator)
+        penalty.update(next_tokens)
         generated[:, t] = next_tokens.masked_fill_(finished, settings.pad_id)
         if t + 1 == settings.max_new_tokens:
             break
@@ -332,12 +335,17 @@ class SampledTokenProcessor:
     runs. Processors generate adds itself (e.g. min_new_tokens masking end-of-turn) run before it.
     """
 
-    def __init__(self, temperature: float, top_p: float, generator: torch.Generator):
+    def __init__(self, temperature: float, top_p: float, generator: torch.Generator | None,
+                 repetition_penalty: float = 1.0):
         self.temperature, self.top_p, self.generator = temperature, top_p, generator
+        self.repetition_penalty, self.penalty = repetition_penalty, None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """[batch, vocab] scores -> 0 at each row's drawn token, -inf elsewhere."""
-        tokens = sample_tokens(scores, self.temperature, self.top_p, self.generator)
+        if self.penalty is None:
+            self.penalty = RepetitionPenalty(scores.shape[0], scores.shape[1], self.repetition_penalty, scores.device)
+        tokens = sample_tokens(self.penalty(scores.float()), self.temperature, self.top_p, self.generator)
+        self.penalty.update(tokens)
         return torch.full_like(scores, -torch.inf).scatter_(1, tokens[:, None], 0.0)
 
 
@@ -349,9 +357,9 @@ def generate_decode(model: Any, prompts: list[list[int]], settings: DecodeSettin
     ids, real = left_pad(prompts, settings.pad_id, device)
     options: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, eos_token_id=list(settings.eos_ids),
                                    pad_token_id=settings.pad_id, do_sample=False)
-    if settings.temperature > 0:
-        generator = torch.Generator(device=device).manual_seed(seed)
-        sampler = SampledTokenProcessor(settings.temperature, settings.top_p, generator)
+    if settings.temperature > 0 or settings.repetition_penalty != 1.0:
+        generator = torch.Generator(device=device).manual_seed(seed) if settings.temperature > 0 else None
+        sampler = SampledTokenProcessor(settings.temperature, settings.top_p, generator, settings.repetition_penalty)
         options.update(logits_processor=LogitsProcessorList([sampler]))
     if settings.ignore_eos:
         options.update(min_new_tokens=settings.max_new_tokens)

@@ -210,6 +210,7 @@ class HFBackend(GenerationBackend):
         pad_id = self.tokenizer.pad_token_id
         eos_ids = stop_token_ids(self.tokenizer, self.model)
         return DecodeSettings(temperature=sampling.temperature, top_p=sampling.top_p,
+                              repetition_penalty=sampling.repetition_penalty,
                               max_new_tokens=sampling.max_new_tokens, eos_ids=eos_ids,
                               pad_id=pad_id if pad_id is not None else (eos_ids[0] if eos_ids else 0),
                               ignore_eos=self.ignore_eos, cuda_graphs=self.cuda_graphs)

@@ -225,3 +225,29 @@ def inverse_cdf(weights: torch.Tensor, generator: torch.Generator | None) -> tor
 def _below(point: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     """`point` kept strictly below `total`, so a right-sided search lands on an entry with weight."""
     return torch.minimum(point, torch.nextafter(total, torch.zeros_like(total)))
+
+
+class RepetitionPenalty:
+    """The CTRL repetition penalty (Keskar et al. 2019) over the tokens a row has *generated* so far.
+
+    A logit of a token the row already produced is divided by `penalty` when positive and
+    multiplied by it when negative (as transformers' RepetitionPenaltyLogitsProcessor does).
+    Unlike transformers and vLLM, prompt tokens are not penalised: a character card's own words
+    ("arr", "matey") must stay as likely as the card makes them. `penalty` 1 changes nothing.
+    """
+
+    def __init__(self, batch: int, vocab: int, penalty: float, device: torch.device):
+        self.penalty = float(penalty)
+        self.seen = torch.zeros((batch, vocab), dtype=torch.bool, device=device)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """[batch, vocab] logits with the penalty applied where a token was already generated."""
+        if self.penalty == 1.0:
+            return logits
+        penalised = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
+        return torch.where(self.seen[:, :logits.shape[-1]], penalised, logits)
+
+    def update(self, tokens: torch.Tensor) -> None:
+        """Record each row's newly generated token ([batch])."""
+        if self.penalty != 1.0:
+            self.seen.scatter_(1, tokens[:, None].clamp(max=self.seen.shape[1] - 1), True)

@@ -117,6 +117,7 @@ class VLLMBackend(GenerationBackend):
     def sampling_params(self, sampling: "SamplingConfig", n: int) -> Any:
         """vllm.SamplingParams for one call."""
         return self._vllm.SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                         repetition_penalty=sampling.repetition_penalty,
                                          max_tokens=sampling.max_new_tokens, seed=sampling.seed,
                                          ignore_eos=self.ignore_eos, skip_special_tokens=True)
 
