@@ -408,7 +408,7 @@ def recipe_reference() -> str:
     """Every recipe section and field with its default, generated from `core.config.Recipe`."""
     from character_baker.core.config import Recipe
 
-    recipe, parts = Recipe(), []
+    recipe, parts, top = Recipe(), [], []
     for name, info in Recipe.model_fields.items():
         value = getattr(recipe, name)
         if name in TRAINING[1:]:
@@ -425,9 +425,8 @@ def recipe_reference() -> str:
             rows = [[f"`{name}.{key}`", choices, default] for key, (choices, default) in _fields(type(value), value).items()]
             parts.append(f"### `{name}`\n\n" + _table(["field", "choices", "default"], rows))
         else:
-            parts.append(f"### `{name}`\n\n" + _table(["field", "choices", "default"],
-                                                      [[f"`{name}`", _choices(info.annotation), _cell(value)]]))
-    return "\n\n".join(parts)
+            top.append([f"`{name}`", _choices(info.annotation), _cell(value)])
+    return "\n\n".join(["### top level\n\n" + _table(["field", "choices", "default"], top), *parts])
 
 
 def _page_with_reference(page: str) -> str:
