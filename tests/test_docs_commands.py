@@ -51,39 +51,29 @@ class Snippet:
 
 def code_snippets(path: Path) -> list[Snippet]:
     """Fenced and indented code-block lines and inline code spans of a Markdown file."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    snippets, prose = [], []
-    in_fence, block, expect, previous_blank, in_indented = False, 0, False, True, False
-    pending: list[tuple[int, str]] = []
-    for number, line in enumerate(lines, start=1):
-        if FENCE.match(line):
-            in_fence = not in_fence
-            if in_fence:
-                block, expect = block + 1, expect or False
-            else:
-                snippets += _joined(path, pending, block, expect)
-                pending, expect = [], False
-            previous_blank = False
-            continue
-        if in_fence:
-            pending.append((number, line))
-            continue
-        indented = line.startswith("    ") and line.strip() and (previous_blank or in_indented)
-        if indented:
-            if not in_indented:
-                block += 1
-            in_indented = True
-            pending.append((number, line))
+    snippets, prose, block_lines = [], [], []
+    kind, blocks, expect, previous_blank = None, 0, False, True  # kind: None, "fenced" or "indented"
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        fence = FENCE.match(line) is not None
+        indented = kind != "fenced" and line.startswith("    ") and bool(line.strip()) \
+            and (previous_blank or kind == "indented")
+        if block_lines and (kind == "fenced" and fence or kind == "indented" and not indented):
+            snippets += _joined(path, block_lines, blocks, expect)
+            block_lines, expect = [], False
+        if kind == "fenced":
+            kind = None if fence else kind
+            if not fence:
+                block_lines.append((number, line))
+        elif fence or indented:
+            blocks += 0 if kind == "indented" else 1
+            kind = "fenced" if fence else "indented"
+            block_lines += [] if fence else [(number, line)]
         else:
-            if in_indented:
-                snippets += _joined(path, pending, block, expect)
-                pending, expect = [], False
-            in_indented = False
+            kind = None
             prose.append((number, line))
-            if line.strip() == EXPECT_ERROR:
-                expect = True
+            expect = expect or line.strip() == EXPECT_ERROR
         previous_blank = not line.strip()
-    snippets += _joined(path, pending, block, expect)
+    snippets += _joined(path, block_lines, blocks, expect)
     return snippets + _inline(path, prose)
 
 
@@ -184,13 +174,15 @@ def parse_help(code: int, text: str) -> HelpPage:
     return page
 
 
-class HelpCache:
-    """--help of each command path, run in-process once."""
+_HELP_PAGES: dict[tuple[str, ...], HelpPage] = {}  # the CLI does not change during a test session
 
-    pages: dict[tuple[str, ...], HelpPage] = {}
+
+class HelpCache:
+    """--help of each command path, run in-process once per session."""
 
     def __init__(self, run_cli: RunCli):
         self.run_cli = run_cli
+        self.pages = _HELP_PAGES
 
     def page(self, path: tuple[str, ...]) -> HelpPage:
         """The parsed --help of `character-baker PATH`."""
@@ -216,8 +208,8 @@ def command_problems(args: list[str], helps: HelpCache) -> list[str]:
                 flag = flag.split("=", 1)[0]
                 if flag not in page.options:
                     problems.append(f"`{name}` has no option {flag} (its --help lists {', '.join(sorted(page.options))})")
-                elif flag == "--preset" and index + 1 < len(rest):
-                    problems += preset_problems(_clean(rest[index + 1]))
+                elif flag == "--preset" and ("=" in token or index + 1 < len(rest)):
+                    problems += preset_problems(_clean(token.split("=", 1)[1] if "=" in token else rest[index + 1]))
     return problems
 
 
