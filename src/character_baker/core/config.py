@@ -384,7 +384,8 @@ class EvalConfig(Section):
 class Recipe(Section):
     """Everything a run needs besides the constitution."""
 
-    preset: Literal["default", "smoke", "small", "paper"] = Field("default", description="Named size preset applied under the other layers.")
+    preset: Literal["default", "smoke", "demo", "small", "paper"] = Field(
+        "default", description="Named size preset applied under the other layers.")
     method: list[Literal["distill", "introspect", "sdft", "push_pull"]] = Field(
         default_factory=lambda: ["distill", "introspect"], description="Training stages in the chain.")
     models: ModelsConfig = Field(default_factory=ModelsConfig)
