@@ -355,6 +355,10 @@ class CalibrateConfig(Section):
 class EvalConfig(Section):
     """Evaluation sizes and settings. Conditions answer with generation.student's backend and sampling."""
 
+    conditions: list[Literal["base", "prompted", "steered", "distilled", "trained"]] = Field(
+        default_factory=lambda: ["base", "prompted", "steered", "distilled", "trained"],
+        description="Built-in conditions to evaluate when the run has them (base is always measured: every change "
+                    "is reported against it); --adapter and --model add more.")
     prompts: int = Field(200, ge=1, description="Held-out prompts per condition (shipped eval set, stratified by category).")
     robustness_prompts: int = Field(50, ge=0, description="Prompts answered under each of the 8 break-character "
                                                           "instructions and under the prefill attack.")
