@@ -207,3 +207,13 @@ def test_http_backends_refuse_a_repetition_penalty():
     with pytest.raises(ValidationError, match="generation.teacher.sampling.repetition_penalty"):
         Recipe.model_validate({"generation": {"teacher": {"backend": "openai", "sampling": {"repetition_penalty": 1.1}}}})
     Recipe.model_validate({"generation": {"teacher": {"backend": "vllm", "sampling": {"repetition_penalty": 1.1}}}})
+
+
+@pytest.mark.parametrize("shortcut", [True, False])
+def test_rows_with_temperature_zero_are_greedy_whatever_their_top_p(shortcut):
+    logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(3))
+    temperature = torch.tensor([0.0, 0.0, 0.0, 0.7, 0.0, 1.0])
+    top_p = torch.tensor([1.0, 0.95, 0.5, 1.0, 1.0, 0.9])
+    tokens = sample_tokens(logits, temperature, top_p, torch.Generator().manual_seed(0), candidate_shortcut=shortcut)
+    greedy = temperature == 0
+    assert torch.equal(tokens[greedy], logits.argmax(-1)[greedy])

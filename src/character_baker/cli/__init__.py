@@ -7,7 +7,7 @@ import sys
 import typer
 
 from character_baker import __version__
-from character_baker.cli.common import handle_errors
+from character_baker.cli.common import handle_errors, quiet_libraries
 from character_baker.cli import constitution_cmd, env_cmd, eval_cmd, models_cmd, recipe_cmd, runs_cmd, stage_cmds
 from character_baker.cli import merge_cmds, method_cmds, serve_cmd, train_cmd
 
@@ -55,6 +55,7 @@ app.command("steer")(method_cmds.steer)
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI with `argv`; return the exit code (0 ok, 1 failure, 2 user mistake)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    quiet_libraries()
     # Commands that relaunch themselves (--launcher) read their own argv from ctx.obj.
     return handle_errors(lambda: app(args=args, prog_name="character-baker", standalone_mode=False, obj=args))
 

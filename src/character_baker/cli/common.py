@@ -16,11 +16,33 @@ console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 # Shared option declarations so every command spells them the same way.
-PresetOption = typer.Option(None, "--preset", help="Size preset: smoke, small, paper (or default).")
+PresetOption = typer.Option(None, "--preset", help="Size preset: smoke (CI, tiny sizes), demo (the README run on a CPU), small (100M-1B models), paper (published sizes), or default.")
 RecipeOption = typer.Option(None, "--recipe", help="Recipe YAML file layered over the constitution's recipe.")
 SetOption = typer.Option(None, "--set", help="Override one recipe value, e.g. --set distill.lora.r=32 (repeatable).")
 ModelOption = typer.Option(None, "--model", help="Base model (shortcut for --set models.base=...).")
 JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table.")
+
+
+LIBRARY_QUIET = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1",
+                 "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+
+
+def quiet_libraries() -> None:
+    """Keep third-party progress bars and deprecation warnings out of our output (CHARACTER_BAKER_DEBUG keeps them).
+
+    transformers 5 draws "Loading weights" and "Writing model shards" bars and the GGUF loader its
+    own; library FutureWarnings and DeprecationWarnings are about their APIs, not the user's run.
+    Environment variables set by the user win (setdefault)."""
+    import warnings
+
+    if os.environ.get("CHARACTER_BAKER_DEBUG"):
+        return
+    for name, value in LIBRARY_QUIET.items():
+        os.environ.setdefault(name, value)
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(transformers|torch|peft|accelerate|huggingface_hub)\b")
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*(past_key_values|is_gradient_checkpointing|"
+                            r"gradient_checkpointing_enable)")
 
 
 def print_user_error(error: UserError) -> None:

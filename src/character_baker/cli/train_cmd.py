@@ -80,7 +80,11 @@ def _train_one(path: Path, shared: dict, *, runs_root: Path, preset, recipe, set
     _print_plan(ctx.constitution.meta.name or constitution_name, plan)
     if dry_run:
         return ctx, []
-    outcomes = run_chain(ctx, plan.stages, plan.planned, force=force)
+    from character_baker.core.progress import chain_display
+
+    with chain_display(plan.stages, plan.stage_seconds) as display:
+        outcomes = run_chain(ctx, plan.stages, plan.planned, force=force, on_start=display.stage_started,
+                             on_stage=lambda o: display.stage_finished(o.name, o.seconds, o.status))
     _print_summary(ctx, outcomes)
     return ctx, outcomes
 

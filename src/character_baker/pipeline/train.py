@@ -62,10 +62,13 @@ class StageOutcome:
 
 
 def run_chain(ctx: StageContext, stages: list[str], planned: list[str], force: bool = False,
-              on_stage: Callable[[StageOutcome], None] | None = None) -> list[StageOutcome]:
+              on_stage: Callable[[StageOutcome], None] | None = None,
+              on_start: Callable[[str], None] | None = None) -> list[StageOutcome]:
     """Run the stages in order (skipping unchanged ones); release generation models before training."""
     outcomes = []
     for name in stages:
+        if on_start:
+            on_start(name)
         prepare_stage_options(name, ctx, planned)
         if name in ("distill", "introspect", "sdft", "merge"):
             release_generation_models(ctx)
@@ -113,6 +116,7 @@ class Plan:
     params: float
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def estimate_counts(ctx: StageContext) -> dict[str, int]:
@@ -127,27 +131,33 @@ def estimate_counts(ctx: StageContext) -> dict[str, int]:
             "interactions": recipe.introspect.interactions, "eval_prompts": recipe.eval.prompts}
 
 
-def estimate_tokens(ctx: StageContext, counts: dict[str, int], stages: list[str]) -> tuple[int, int]:
-    """(tokens to generate, tokens to train on) for the stages that will run."""
+def stage_tokens(ctx: StageContext, counts: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """(tokens to generate, tokens to train on) per stage, from the planned counts."""
     gen = ctx.recipe.generation
     answer = int(gen.teacher.sampling.max_new_tokens * ANSWER_FILL)
     student_answer = int(gen.student.sampling.max_new_tokens * ANSWER_FILL)
-    generate = train = 0
-    if "distill_data" in stages:
-        generate += counts["distill_samples"] * answer
-    if "distill" in stages:
-        train += counts["distill_pairs"] * 2 * (answer + 60)
     introspection = (counts["reflections"] + counts["interactions"] * (ctx.recipe.introspect.turns - 1)) * student_answer
-    if "introspect_data" in stages:
-        generate += introspection
-    if "introspect" in stages:
-        train += introspection
-    if "sdft" in stages:
-        generate += ctx.recipe.sdft.prompts * student_answer
-        train += 2 * ctx.recipe.sdft.prompts * (student_answer + 60)
-    if "eval" in stages:
-        generate += counts["eval_prompts"] * 6 * student_answer
-    return generate, train
+    calibrate = ctx.recipe.calibrate
+    return {"distill_data": (counts["distill_samples"] * answer, 0),
+            "distill": (0, counts["distill_pairs"] * 2 * (answer + 60)),
+            "introspect_data": (introspection, 0), "introspect": (0, introspection),
+            "sdft": (ctx.recipe.sdft.prompts * student_answer, 2 * ctx.recipe.sdft.prompts * (student_answer + 60)),
+            "calibrate": ((len(calibrate.scales) + 1) * calibrate.prompts * calibrate.max_new_tokens, 0),
+            "eval": (counts["eval_prompts"] * 6 * student_answer, 0)}
+
+
+def estimate_tokens(ctx: StageContext, counts: dict[str, int], stages: list[str]) -> tuple[int, int]:
+    """(tokens to generate, tokens to train on) for the stages that will run."""
+    per_stage = stage_tokens(ctx, counts)
+    return (sum(per_stage.get(s, (0, 0))[0] for s in stages), sum(per_stage.get(s, (0, 0))[1] for s in stages))
+
+
+def stage_seconds(ctx: StageContext, counts: dict[str, int], device: str, params: float) -> dict[str, float]:
+    """A rough time per stage on this machine (rates from benchmarks/, scaled by model size; 10 s floor)."""
+    scale = REFERENCE_PARAMS / params
+    rates = RATES[device]
+    return {name: 10.0 + generate / (rates["generate"] * scale) + train / (rates["train"] * scale)
+            for name, (generate, train) in stage_tokens(ctx, counts).items()}
 
 
 def model_size(ctx: StageContext) -> float:
@@ -178,10 +188,10 @@ def plan_run(ctx: StageContext, start: str | None = None, until: str | None = No
     generate, train = estimate_tokens(ctx, counts, to_run)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     params = model_size(ctx)
-    scale = REFERENCE_PARAMS / params
-    seconds = generate / (RATES[device]["generate"] * scale) + train / (RATES[device]["train"] * scale)
-    return Plan(stages, planned, actions, counts, generate, train, device, params, seconds,
-                thin_data_warnings(ctx, counts, to_run))
+    per_stage = stage_seconds(ctx, counts, device, params)
+    estimates = {name: (per_stage.get(name, 10.0) if actions[name] == "run" else 0.0) for name in stages}
+    return Plan(stages, planned, actions, counts, generate, train, device, params, sum(estimates.values()),
+                thin_data_warnings(ctx, counts, to_run), estimates)
 
 
 def thin_data_warnings(ctx: StageContext, counts: dict[str, int], stages: list[str]) -> list[str]:

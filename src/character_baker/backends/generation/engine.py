@@ -25,9 +25,8 @@ Features, the argument that controls each, and its cost:
 - Queue (`max_queue`): at most max_batch running plus max_queue waiting; `submit` beyond that
   raises QueueFull (None = unbounded). Cancelling a waiting request removes it at once.
 - Per-row sampling: temperature (0 = greedy), top_p and seed, through `decoding.sample_tokens`.
-  Greedy rows are one argmax; unseeded sampled rows are sampled together per top_p (logits
-  divided by each row's temperature first, which is exact) from the engine's generator (`seed`);
-  a row with a seed has its own torch.Generator and is sampled alone, so a seed gives the same
+  Every unseeded row (greedy or sampled) goes through one call with per-row temperature and
+  top_p tensors, drawing from the engine's generator (`seed`); a row with a seed has its own torch.Generator and is sampled alone, so a seed gives the same
   answer whatever else is in the batch (up to float rounding of the batched forward). Greedy
   rows are batch-invariant up to float rounding: masked cache positions add exact zeros.
 - Per-row adapters (PEFT LoRA): `adapter=None` is the base weights, a name is that adapter. A
@@ -524,25 +523,21 @@ class BatchEngine:
         return output.logits[:, -1].float()
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-        """Next token per row: greedy rows together, unseeded sampled rows per top_p, seeded rows alone."""
+        """Next token per row: every unseeded row (greedy or sampled) in one call with per-row settings, seeded rows alone."""
         groups: dict[tuple, list[int]] = collections.defaultdict(list)
         for index, row in enumerate(rows):
-            key = (("greedy",) if row.temperature <= 0 else ("seeded", index) if row.generator is not None
-                   else ("shared", row.top_p))
-            groups[key].append(index)
+            groups[("seeded", index) if row.generator is not None and row.temperature > 0 else ("shared",)].append(index)
         chosen = torch.empty(len(rows), dtype=torch.long, device=self.device)
         for key, indices in groups.items():
             where = torch.tensor(indices, device=self.device)
             selected = logits if len(indices) == len(rows) else logits[where]
-            if key[0] == "greedy":
-                picked = sample_tokens(selected, 0.0, 1.0, None)
-            elif key[0] == "seeded":
+            if key[0] == "seeded":
                 row = rows[indices[0]]
                 picked = sample_tokens(selected, row.temperature, row.top_p, row.generator)
-            else:
+            else:  # the sampler takes per-row temperature (<= 0: greedy) and top_p tensors
                 temperatures = torch.tensor([rows[i].temperature for i in indices], device=self.device)
-                picked = sample_tokens(selected / temperatures[:, None].to(selected.dtype), 1.0, key[1],
-                                       self._generator)
+                top_ps = torch.tensor([rows[i].top_p for i in indices], device=self.device)
+                picked = sample_tokens(selected, temperatures, top_ps, self._generator)
             chosen[where] = picked
         return chosen.tolist()
 

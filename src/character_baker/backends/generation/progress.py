@@ -13,12 +13,11 @@ import threading
 import time
 from typing import IO, Iterator, Literal
 
+from character_baker.core.progress import current_display, format_duration
+
 Mode = Literal["rich", "plain", "silent"]
 
 
-def _format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 class ProgressReporter:
@@ -36,7 +35,10 @@ class ProgressReporter:
         self._next_fraction = every_fraction
         self._bar = self._task = None
         self._closed = False
-        if self.mode == "rich":
+        self._display = current_display() if self.mode == "rich" else None
+        if self._display is not None:  # a chain's display is open: one bar in it, under the run's line
+            self._task = self._display.add_task(label, total)
+        elif self.mode == "rich":
             self._start_bar()
 
     def _start_bar(self) -> None:
@@ -59,7 +61,9 @@ class ProgressReporter:
         with self._lock:
             self.done += responses
             self.tokens += tokens
-            if self.mode == "rich":
+            if self._display is not None:
+                self._display.update(self._task, completed=self.done, status=self.status())
+            elif self.mode == "rich":
                 self._bar.update(self._task, completed=self.done, rate=self.tokens_per_second)
             elif self.mode == "plain" and self._line_due():
                 self._print_line()
@@ -72,14 +76,20 @@ class ProgressReporter:
             return True
         return False
 
+    def status(self) -> str:
+        """'N tok/s, ETA H:MM:SS' for the task so far."""
+        elapsed = time.monotonic() - self._start
+        eta = elapsed * (self.total - self.done) / self.done if self.done else float("nan")
+        return f"{self.tokens_per_second:,.0f} tok/s, ETA {format_duration(eta) if self.done else '?'}"
+
     def line(self) -> str:
         """The plain status line: label, counts, percentage, tokens/s, ETA."""
         elapsed = time.monotonic() - self._start
         percent = 100.0 * self.done / self.total if self.total else 100.0
         eta = elapsed * (self.total - self.done) / self.done if self.done else float("nan")
-        eta_text = _format_duration(eta) if self.done else "?"
+        eta_text = format_duration(eta) if self.done else "?"
         return (f"{self.label}: {self.done}/{self.total} responses ({percent:.0f}%), "
-                f"{self.tokens_per_second:,.0f} tok/s, elapsed {_format_duration(elapsed)}, ETA {eta_text}")
+                f"{self.tokens_per_second:,.0f} tok/s, elapsed {format_duration(elapsed)}, ETA {eta_text}")
 
     def _print_line(self) -> None:
         print(self.line(), file=self.stream, flush=True)
@@ -91,7 +101,9 @@ class ProgressReporter:
             if self._closed:
                 return
             self._closed = True
-            if self.mode == "rich":
+            if self._display is not None:
+                self._display.remove(self._task)
+            elif self.mode == "rich":
                 self._bar.stop()
             elif self.mode == "plain" and self.done and self._next_fraction <= 1.0:
                 self._print_line()

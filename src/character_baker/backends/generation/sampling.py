@@ -73,7 +73,7 @@ def sample_tokens(logits: torch.Tensor, temperature: float | torch.Tensor, top_p
     weights = F.threshold_(weights.clamp_(min=UNDERFLOW).exp_(), SMALLEST_WEIGHT, 0.0)
     # Nucleus mass in the same units: top_p of the total; 0 for greedy rows (the top token is always
     # kept); infinite where top_p >= 1 (everything is kept).
-    target = torch.where(top_p >= 1, torch.inf, torch.where(greedy, 0.0, top_p) * weights.sum(dim=-1))
+    target = torch.where(greedy, 0.0, torch.where(top_p >= 1, torch.inf, top_p * weights.sum(dim=-1)))
     shortcut = logits.device.type == "cpu" if candidate_shortcut is None else candidate_shortcut
     if not shortcut:
         return sample_nucleus(weights, target, generator)

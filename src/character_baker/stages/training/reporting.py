@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from character_baker.core.errors import Problem
+from character_baker.core.progress import current_display
 from character_baker.core.runs import read_jsonl, write_jsonl_atomic
 
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
@@ -42,9 +43,12 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+MONITOR_KEYS = ("monitor_persona", "monitor_looping")
+
+
 def _format(record: dict[str, Any], total_steps: int) -> str:
     parts = [f"step {record['step']}/{total_steps}"]
-    parts += [f"{key} {record[key]:.4g}" for key in HEADLINE if key in record]
+    parts += [f"{key} {record[key]:.4g}" for key in HEADLINE + MONITOR_KEYS if isinstance(record.get(key), (int, float))]
     return "  ".join(parts)
 
 
@@ -58,11 +62,15 @@ class StepReporter:
         self.log_path, self.total_steps, self.enabled = log_path, total_steps, enabled
         self.console = console if console is not None else Console()
         self.trackers: list[Any] = []
-        self.progress = None
+        self.progress = self.display = None
         if not enabled:
             return
         write_jsonl_atomic(log_path, [r for r in read_jsonl(log_path) if r.get("step", 0) <= start_step])
-        if self.console.is_terminal:
+        self.display = current_display()
+        if self.display is not None:  # a chain's display is open: the steps get a bar in it
+            self.progress = self.display.progress
+            self.task = self.display.add_task(log_path.stem, total_steps, completed=start_step)
+        elif self.console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -106,7 +114,9 @@ class StepReporter:
 
     def close(self) -> None:
         """Stop the display and flush the trackers."""
-        if self.progress is not None:
+        if self.display is not None:
+            self.display.remove(self.task)
+        elif self.progress is not None:
             self.progress.stop()
         for tracker in self.trackers:
             (tracker.close if hasattr(tracker, "close") else tracker.finish)()
