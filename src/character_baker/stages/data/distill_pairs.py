@@ -27,6 +27,7 @@ prefill attack tests.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -187,7 +188,9 @@ def generate_candidates(ctx: StageContext, requests: list[Request], store: Jsonl
     rejected_role = gen.teacher if cfg.paired_teacher else gen.student
     student = make_backend(rejected_role, ctx.recipe.models, cache_dir=cache_dir, shared=ctx.shared)
     persona, tokens = ctx.constitution.persona.name, 0
-    chunk = max(gen.teacher.batch_size // max(cfg.best_of, 1), 1)
+    # Equal chunks of at most one batch of teacher rows each: a last chunk of two prompts costs a whole decode.
+    largest = max(gen.teacher.batch_size // max(cfg.best_of, 1), 1)
+    chunk = math.ceil(len(todo) / math.ceil(len(todo) / largest))
     ctx.log(f"[distill-data] {len(todo)} conversations to answer ({cfg.best_of} teacher candidates and "
             f"{cfg.samples_per_prompt} student answers each, chunks of {chunk})")
     for start in range(0, len(todo), chunk):
