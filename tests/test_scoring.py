@@ -145,6 +145,20 @@ def test_each_context_runs_once_and_the_shared_prefix_once_per_batch(tiny_lm):
     assert counts[1:] == [len(ITEMS) * (max(len(c) + sum(map(len, conts)) for c, conts in contexts.items()) - prefix)]
 
 
+def test_many_long_continuations_of_one_context_split_into_rows(tiny_lm, monkeypatch):
+    model, tokenizer = tiny_lm
+    monkeypatch.setattr(scoring, "BRANCH_TOKENS", 6)
+    pairs = [scoring.encode_pair(tokenizer, "Ahoy", text) for text in
+             (" matey, the sea is wide", " 1 2 3 4 5 6 7 8", " x", " the ship is red and the sea is blue", " y")]
+    rows = scoring.context_rows(pairs)
+    assert len(rows) > 1 and sorted(i for row in rows for i in row.indices) == list(range(len(pairs)))
+    assert all(len(row.continuations) == 1 or row.branch_tokens <= 6 for row in rows)
+    expected = [direct_logprob(model, *pair) for pair in pairs]
+    for batch_size in (1, 2, 10):
+        got = scoring.continuation_logprobs(model, tokenizer, pairs, batch_size=batch_size)
+        assert got == pytest.approx(expected, abs=1e-4)
+
+
 def test_attention_without_custom_masks_scores_one_row_per_pair(tiny_lm, monkeypatch):
     model, tokenizer = tiny_lm
     sliding = type(model.config)(**{**model.config.to_dict(), "use_sliding_window": True, "sliding_window": 4096})

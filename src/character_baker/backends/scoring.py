@@ -26,14 +26,15 @@ Each context runs once, not once per choice. Pairs with identical context ids be
 
 with a mask where each choice sees the context and itself only, so every token has exactly the
 context and position it has in its own sequence (the sums equal the one-row-per-pair ones up to
-floating-point summation order). Before a batch of rows runs, the context prefix all its rows
-share (the chat template's system turn, a condition's system prompt) runs once into a key/value
-cache that every row attends to. Hidden states come from one batched forward pass over the
-right-padded rows; the vocabulary projection is done `vocab_chunk` rows of the output matrix at
-a time with a running log-sum-exp, for the continuation positions only, so no
-[batch, sequence, vocabulary] tensor (nor even [positions, vocabulary]) ever exists. Models
-whose attention takes no custom mask (flash attention, sliding windows) run one ordinary row
-per pair instead, with the same results.
+floating-point summation order). Choices beyond max(C, `BRANCH_TOKENS`) tokens open another row
+with the same context, so a row stays short enough for its mask. Before a batch of rows runs,
+the context prefix all its rows share (the chat template's system turn, a condition's system
+prompt) runs once into a key/value cache that every row attends to. Hidden states come from one
+batched forward pass over the right-padded rows; the vocabulary projection is done `vocab_chunk`
+rows of the output matrix at a time with a running log-sum-exp, for the continuation positions
+only, so no [batch, sequence, vocabulary] tensor (nor even [positions, vocabulary]) ever exists.
+Models whose attention takes no custom mask (flash attention, sliding windows) run one ordinary
+row per pair instead, with the same results.
 """
 
 from __future__ import annotations
@@ -106,6 +107,10 @@ def _token_logprobs(model: Any, hidden: "torch.Tensor", targets: "torch.Tensor",
     return picked - running
 
 
+#: a row's continuations hold at most max(context tokens, this) tokens; more start another row with the same context.
+BRANCH_TOKENS = 64
+
+
 @dataclass
 class ContextRow:
     """One distinct context and the continuations scored after it (`indices`: their places in the input)."""
@@ -115,17 +120,32 @@ class ContextRow:
     indices: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.context) + sum(map(len, self.continuations))
+        return len(self.context) + self.branch_tokens
+
+    @property
+    def branch_tokens(self) -> int:
+        """Tokens of all the row's continuations."""
+        return sum(map(len, self.continuations))
 
 
 def context_rows(pairs: Sequence[Pair], share: bool = True) -> list[ContextRow]:
-    """Pairs grouped by identical context ids, in first-seen order (one row per pair when not `share`)."""
-    rows: dict[Any, ContextRow] = {}
+    """Pairs grouped by identical context ids in first-seen order (one row per pair when not `share`).
+
+    A row's continuations stay within max(context length, `BRANCH_TOKENS`) tokens, so a row is
+    never much longer than its context or its longest pair: the masked attention over it stays
+    close to the cost of the rows it replaces.
+    """
+    rows: list[ContextRow] = []
+    filling: dict[Any, ContextRow] = {}
     for index, (context, continuation) in enumerate(pairs):
-        row = rows.setdefault(tuple(context) if share else index, ContextRow(list(context)))
+        key = tuple(context) if share else index
+        row = filling.get(key)
+        if row is None or row.branch_tokens + len(continuation) > max(len(context), BRANCH_TOKENS):
+            row = filling[key] = ContextRow(list(context))
+            rows.append(row)
         row.continuations.append(list(continuation))
         row.indices.append(index)
-    return list(rows.values())
+    return rows
 
 
 def shared_prefix(rows: Sequence[ContextRow]) -> int:
