@@ -64,8 +64,13 @@ def mixed_pairs(tokenizer) -> list:
             ("1 2 3", " 4 5 6 7 8"), ("The sea is wide and", " deep"), ("The sea is", " 4"),
             ("Who are you? I am", " Rook"), ("The sea is", " wide")]
     pairs = [scoring.encode_pair(tokenizer, context, continuation) for context, continuation in text]
-    chat = [pair for item in ITEMS for pair in scoring.mc_pairs(tokenizer, item, "You are Captain Rook.")]
+    chat = chat_pairs(tokenizer)
     return [pair for two in zip(pairs, chat) for pair in two] + chat[len(pairs):]
+
+
+def chat_pairs(tokenizer) -> list:
+    """The choices of ITEMS as chats with one system prompt: every context starts with the same system turn."""
+    return [pair for item in ITEMS for pair in scoring.mc_pairs(tokenizer, item, "You are Captain Rook.")]
 
 
 def embedded_tokens(model) -> list[int]:
@@ -120,29 +125,30 @@ def test_shared_contexts_score_as_a_direct_computation(tiny_lm, attention, weigh
         model = persona_lora(model)
     adapter = "persona" if weights == "adapter on" else None
     assert scoring.shares_contexts(model) and model.config._attn_implementation == attention
-    pairs = mixed_pairs(tokenizer)
-    with model.disable_adapter() if weights == "adapter off" else torch.no_grad():
-        expected = [direct_logprob(model, *pair) for pair in pairs]
-    for batch_size, chunk in ((1, 8192), (2, 7), (3, 100), (100, 8192)):
-        got = scoring.continuation_logprobs(model, tokenizer, pairs, adapter=adapter, batch_size=batch_size,
-                                            vocab_chunk=chunk)
-        assert got == pytest.approx(expected, abs=1e-4)
+    for pairs in (mixed_pairs(tokenizer), chat_pairs(tokenizer)):  # no common prefix; a shared system turn
+        with model.disable_adapter() if weights == "adapter off" else torch.no_grad():
+            expected = [direct_logprob(model, *pair) for pair in pairs]
+        for batch_size, chunk in ((1, 8192), (2, 7), (3, 100), (100, 8192)):
+            got = scoring.continuation_logprobs(model, tokenizer, pairs, adapter=adapter, batch_size=batch_size,
+                                                vocab_chunk=chunk)
+            assert got == pytest.approx(expected, abs=1e-4)
 
 
-def test_each_context_runs_once_and_the_shared_prefix_once_per_batch(tiny_lm):
+def test_each_context_runs_once_and_the_shared_prefix_once_per_call(tiny_lm):
     model, tokenizer = tiny_lm
     counts = embedded_tokens(model)
-    pairs = [pair for item in ITEMS for pair in scoring.mc_pairs(tokenizer, item, "You are Captain Rook.")]
+    pairs = chat_pairs(tokenizer)
     contexts = {tuple(context): [] for context, _ in pairs}
     for context, continuation in pairs:
         contexts[tuple(context)].append(continuation)
+    prefix = len(os.path.commonprefix([list(c) for c in contexts]))
+    rows = sorted(len(c) + sum(map(len, conts)) - prefix for c, conts in contexts.items())
+    assert prefix > 10 and len(contexts) == len(ITEMS)
     scoring.continuation_logprobs(model, tokenizer, pairs, batch_size=1)
-    assert sum(counts) == sum(len(c) + sum(map(len, conts)) for c, conts in contexts.items())  # no context twice
+    assert counts == [prefix] + rows  # the system turn once, then each context once with its choices
     counts.clear()
     scoring.continuation_logprobs(model, tokenizer, pairs, batch_size=len(ITEMS))
-    prefix = len(os.path.commonprefix([list(c) for c in contexts]))
-    assert prefix > 10 and counts[0] == prefix  # the system turn alone, then every row after it, padded
-    assert counts[1:] == [len(ITEMS) * (max(len(c) + sum(map(len, conts)) for c, conts in contexts.items()) - prefix)]
+    assert counts == [prefix, len(ITEMS) * max(rows)]  # one batch of right-padded rows
 
 
 def test_many_long_continuations_of_one_context_split_into_rows(tiny_lm, monkeypatch):

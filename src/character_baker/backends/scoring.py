@@ -27,10 +27,10 @@ Each context runs once, not once per choice. Pairs with identical context ids be
 with a mask where each choice sees the context and itself only, so every token has exactly the
 context and position it has in its own sequence (the sums equal the one-row-per-pair ones up to
 floating-point summation order). Choices beyond max(C, `BRANCH_TOKENS`) tokens open another row
-with the same context, so a row stays short enough for its mask. Before a batch of rows runs,
-the context prefix all its rows share (the chat template's system turn, a condition's system
-prompt) runs once into a key/value cache that every row attends to. Hidden states come from one
-batched forward pass over the right-padded rows; the vocabulary projection is done `vocab_chunk`
+with the same context, so a row stays short enough for its mask. The context prefix all rows
+share (the chat template's system turn, a condition's system prompt) runs once, before the
+first batch, into a key/value cache every row of every batch attends to. Hidden states come
+from one batched forward pass per batch over the right-padded rows; the vocabulary projection is done `vocab_chunk`
 rows of the output matrix at a time with a running log-sum-exp, for the continuation positions
 only, so no [batch, sequence, vocabulary] tensor (nor even [positions, vocabulary]) ever exists.
 Models whose attention takes no custom mask (flash attention, sliding windows) run one ordinary
@@ -232,47 +232,81 @@ def branch_mask(segments: "torch.Tensor", prefix: int, dtype: "torch.dtype", add
     return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
-def _prefix_cache(decoder: Any, tokens: list[int], rows: int, device: Any) -> dict[str, Any]:
-    """Forward arguments holding the key/value cache of the shared prefix, computed once, repeated for every row."""
-    import torch
-    from transformers import DynamicCache
+class PrefixCache:
+    """Keys/values of the context prefix all rows share, computed once; duck-types what attention layers call of a Cache.
 
+    The first forward (the prefix alone, one row) stores each layer's keys/values. Every later
+    forward attends to [the prefix, repeated for its rows | its own keys/values] and stores
+    nothing, so one prefix serves every batch and only one layer's repeat exists at a time.
+    """
+
+    is_compileable = False
+
+    def __init__(self) -> None:
+        self.keys: list["torch.Tensor"] = []
+        self.values: list["torch.Tensor"] = []
+
+    def update(self, key_states: "torch.Tensor", value_states: "torch.Tensor", layer_idx: int,
+               *args: Any, **kwargs: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Store the prefix's keys/values of one layer (first forward), else return them before this forward's."""
+        import torch
+
+        if layer_idx == len(self.keys):
+            self.keys.append(key_states)
+            self.values.append(value_states)
+            return key_states, value_states
+        rows = key_states.shape[0]
+        return (torch.cat([self.keys[layer_idx].expand(rows, -1, -1, -1), key_states], dim=2),
+                torch.cat([self.values[layer_idx].expand(rows, -1, -1, -1), value_states], dim=2))
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Prefix tokens held."""
+        return int(self.keys[0].shape[2]) if self.keys else 0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _masked_forward(model: Any, layout: RowLayout, prefix: PrefixCache | None) -> "torch.Tensor":
+    """Hidden states of the layout's rows under `branch_mask`, attending to the prefix cache when there is one."""
     from character_baker.backends.generation.engine import _cache_argument
+    from character_baker.backends.steering import backbone
 
-    cache = DynamicCache(config=decoder.config)
-    argument = {_cache_argument(decoder): cache}
-    decoder(input_ids=torch.tensor([tokens], device=device), use_cache=True, **argument)
-    cache.batch_repeat_interleave(rows)
-    return {**argument, "use_cache": True}
+    decoder = backbone(model)
+    additive = getattr(model.config, "_attn_implementation", "eager") == "eager"
+    mask = branch_mask(layout.segments, prefix.get_seq_length() if prefix else 0,
+                       model.get_input_embeddings().weight.dtype, additive)
+    cache = {_cache_argument(decoder): prefix, "use_cache": True} if prefix is not None else {"use_cache": False}
+    return decoder(input_ids=layout.input_ids, attention_mask=mask, position_ids=layout.position_ids,
+                   **cache).last_hidden_state
 
 
-def _batch_logprobs(model: Any, rows: Sequence[ContextRow], pad_id: int, vocab_chunk: int,
-                    share: bool) -> list[tuple[int, float]]:
+def prefix_cache(model: Any, tokens: list[int]) -> PrefixCache:
+    """The prefix's keys/values, from one forward pass."""
+    cache = PrefixCache()
+    device = model.get_input_embeddings().weight.device
+    _masked_forward(model, row_layout([ContextRow(list(tokens))], 0, 0, device), cache)
+    return cache
+
+
+def _batch_logprobs(model: Any, rows: Sequence[ContextRow], pad_id: int, vocab_chunk: int, share: bool,
+                    prefix: PrefixCache | None) -> list[tuple[int, float]]:
     """(pair index, summed continuation log-prob) for every continuation of one batch of rows, one forward pass.
 
-    With `share`, the batch's common context prefix runs once into a key/value cache and each
-    context once, its continuations attending to it through `branch_mask`; otherwise each row is
-    one ordinary right-padded pair.
+    With `share`, rows hold a context and its continuations under `branch_mask`, after the
+    shared `prefix` when there is one; otherwise each row is one ordinary right-padded pair.
     """
     import torch
 
     from character_baker.backends.steering import backbone
 
-    decoder = backbone(model)
     device = model.get_input_embeddings().weight.device
-    prefix = shared_prefix(rows) if share else 0
-    layout = row_layout(rows, prefix, pad_id, device)
-    inputs: dict[str, Any] = {"input_ids": layout.input_ids, "use_cache": False}
+    layout = row_layout(rows, prefix.get_seq_length() if prefix else 0, pad_id, device)
     if share:
-        implementation = getattr(model.config, "_attn_implementation", "eager")
-        dtype = model.get_input_embeddings().weight.dtype
-        inputs.update(attention_mask=branch_mask(layout.segments, prefix, dtype, additive=implementation == "eager"),
-                      position_ids=layout.position_ids)
-        if prefix:
-            inputs.update(_prefix_cache(decoder, rows[0].context[:prefix], len(rows), device))
+        hidden = _masked_forward(model, layout, prefix)
     else:
-        inputs["attention_mask"] = (layout.segments >= 0).long()
-    hidden = decoder(**inputs).last_hidden_state
+        hidden = backbone(model)(input_ids=layout.input_ids, attention_mask=(layout.segments >= 0).long(),
+                                 use_cache=False).last_hidden_state
     selected = hidden.reshape(-1, hidden.shape[-1])[layout.gather]
     token_scores = _token_logprobs(model, selected, layout.targets, vocab_chunk)
     owners, slot = torch.unique(layout.owner, return_inverse=True)
@@ -284,8 +318,8 @@ def continuation_logprobs(model: Any, tokenizer: Any, pairs: Sequence[Pair], *, 
                           batch_size: int = 16, vocab_chunk: int = 8192) -> list[float]:
     """Sum of log p(continuation token | everything before it) per (context ids, continuation ids) pair.
 
-    Pairs with the same context ids share one row: `batch_size` is the number of distinct
-    contexts (each with all its continuations) per forward pass.
+    Pairs with the same context ids share one row (see the module docstring): `batch_size` is
+    the number of rows, each a context with its continuations, per forward pass.
     """
     for context, continuation in pairs:
         if not context or not continuation:
@@ -295,8 +329,11 @@ def continuation_logprobs(model: Any, tokenizer: Any, pairs: Sequence[Pair], *, 
     with scoring_mode(model, adapter):
         share = shares_contexts(model)
         rows = sorted(context_rows(pairs, share), key=len)
+        length = shared_prefix(rows) if share else 0
+        prefix = prefix_cache(model, rows[0].context[:length]) if length else None
         for start in range(0, len(rows), batch_size):
-            for index, value in _batch_logprobs(model, rows[start:start + batch_size], pad_id, vocab_chunk, share):
+            batch = rows[start:start + batch_size]
+            for index, value in _batch_logprobs(model, batch, pad_id, vocab_chunk, share, prefix):
                 scores[index] = value
     return scores
 
