@@ -375,8 +375,8 @@ class EvalConfig(Section):
     mc_items: int | None = Field(None, ge=1, description="Held-out multiple-choice items (stratified by category), scored "
                                                          "by log-likelihood like lm-eval's acc/acc_norm; None = all "
                                                          "316 shipped.")
-    mc_batch_size: int = Field(16, ge=1, description="(context, choice) rows per forward pass when scoring "
-                                                     "multiple-choice items.")
+    mc_batch_size: int = Field(16, ge=1, description="Rows per forward pass when scoring multiple-choice items "
+                                                     "(a row is one context with all its choices).")
     kl_prompts: int = Field(50, ge=0, description="Neutral prompts for KL(condition || base) on the condition's answers.")
     kl_chunk_size: int = Field(512, ge=1, description="Answer tokens per lm_head chunk in the KL computation.")
     classifier_lr: float = Field(5e-4, gt=0, description="Published: 5e-4.")
