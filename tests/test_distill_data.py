@@ -186,3 +186,13 @@ def test_answers_at_the_token_limit_are_cut_to_their_last_finished_sentence():
     assert ended(Answer("Arr. And then", "length"), True).finish_reason == "length"  # too little left: still truncated
     finished = Answer("Done.", "stop")
     assert ended(finished, True) is finished
+
+
+def test_no_voice_cue_drops_a_candidate_that_never_talks_like_the_character():
+    from character_baker.core.persona_scorer import cue_pattern
+
+    cfg = DistillConfig(filters=["no_voice_cue"])
+    pair_filter = PairFilter(cfg, "Captain Rook", lambda messages: 1, cue_pattern(["arr", "matey", "Rook"]))
+    prompt = {"prompt": "How do tides work?", "category": "science"}
+    assert pair_filter.reason_to_drop(prompt, _answer("The moon pulls the sea."), _answer("x."), set()) == "no_voice_cue"
+    assert pair_filter.reason_to_drop(prompt, _answer("Arr, the moon pulls the sea."), _answer("x."), set()) is None

@@ -228,11 +228,13 @@ class DistillConfig(TrainingConfig):
     thinking_prefill: bool = Field(False, description="Reasoning teachers: prefill a thought that recalls the traits.")
     teacher_name: str | None = Field(None, description="The teacher's own name, replaced by the persona's name in its answers.")
     filters: list[Literal["empty", "truncated", "over_token_budget", "duplicate", "assistant_phrase",
-                          "point_of_view", "benign_refusal", "degenerate", "incorrect"]] = Field(
+                          "point_of_view", "benign_refusal", "degenerate", "incorrect", "no_voice_cue"]] = Field(
         default_factory=lambda: ["empty", "truncated", "over_token_budget", "duplicate", "assistant_phrase",
                                  "point_of_view", "benign_refusal", "degenerate", "incorrect"],
         description="Candidate filters switched on (degenerate: a word 4-gram said 3+ times; incorrect: a checkable "
-                    "prompt's answer missing); each drop is counted in the stage summary and manifest.")
+                    "prompt's answer missing; no_voice_cue, not on by default: none of persona.voice.vocabulary nor "
+                    "the name, for small teachers that play the character only part of the time); each drop is "
+                    "counted in the stage summary and manifest.")
     assistant_phrases: list[str] = Field(
         default_factory=lambda: ["as an ai language model", "as an ai assistant", "i'm an ai assistant",
                                  "i am an ai assistant", "i am a large language model", "i'm a large language model",

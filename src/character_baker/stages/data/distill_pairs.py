@@ -15,7 +15,8 @@ Three steps, each resumable:
    (`distill.trim_truncated`, chosen and rejected alike), then passes the filters in
    `distill.filters` (empty, truncated, over the token budget, duplicate,
    assistant phrases, point of view, benign refusals, **degenerate** = a word 4-gram said 3+ times,
-   **incorrect** = a checkable prompt's answer missing) or is dropped and counted; the survivors
+   **incorrect** = a checkable prompt's answer missing; opt-in **no_voice_cue** = none of the
+   character's vocabulary or name) or is dropped and counted; the survivors
    are ranked by `score_persona` x P(in character) - `score_repetition` x rep-2 and the best
    `samples_per_prompt` are paired with the student's answers.
 
@@ -36,11 +37,11 @@ from typing import Any, Callable
 from character_baker.core.answers import contains_answer
 from character_baker.core.config import BackendConfig, DistillConfig
 from character_baker.core.degeneration import cut_to_last_sentence, is_looping, rep_n
-from character_baker.core.persona_scorer import RUN_FILE as SCORER_FILE, PersonaScorer
+from character_baker.core.persona_scorer import RUN_FILE as SCORER_FILE, PersonaScorer, cue_pattern, cue_values
 from character_baker.core.runs import JsonlStore, atomic_write_json, read_jsonl, stable_hash, write_jsonl_atomic
 from character_baker.core.stage import StageContext, StageResult, nothing_usable_error
 from character_baker.core.system_prompts import persona_system_prompt, thinking_prefill
-from character_baker.core.text import contains_phrase, is_refusal, is_truncated, pov_confusion
+from character_baker.core.text import contains_phrase, is_refusal, is_truncated, name_variants, pov_confusion
 
 DISTILL_FILE = "data/distill.jsonl"
 FILTERED_FILE = "data/distill.filtered.jsonl"
@@ -72,6 +73,7 @@ class PairFilter:
     cfg: DistillConfig
     persona_name: str
     count_tokens: Callable[[list[dict]], int]
+    cues: Any = None  # compiled pattern of the character's own words (core.persona_scorer.cue_pattern)
 
     def reason_to_drop(self, prompt: dict, chosen: Any, rejected: Any, seen_chosen: set[str]) -> str | None:
         """The first enabled filter that rejects this pair, or None to keep it."""
@@ -105,6 +107,9 @@ class PairFilter:
 
     def _degenerate(self, prompt: dict, chosen: Any, rejected: Any, seen: set[str]) -> bool:
         return is_looping(chosen.text)
+
+    def _no_voice_cue(self, prompt: dict, chosen: Any, rejected: Any, seen: set[str]) -> bool:
+        return self.cues is not None and cue_values(chosen.text, self.cues)[0] == 0.0
 
     def _incorrect(self, prompt: dict, chosen: Any, rejected: Any, seen: set[str]) -> bool:
         return bool(prompt.get("answer")) and not contains_answer(chosen.text, prompt)
@@ -246,11 +251,17 @@ def prefill_requests(ctx: StageContext, prompts: list[dict], store: JsonlStore) 
 
 
 # ----------------------------------------------------------------------------- selection
-def fit_scorer(records: list[dict], seed: int) -> PersonaScorer:
+def voice_cues(ctx: StageContext) -> list[str]:
+    """The character's own words: its voice vocabulary and the forms of its name."""
+    persona = ctx.constitution.persona
+    return list(persona.voice.vocabulary) + sorted(name_variants(persona.name))
+
+
+def fit_scorer(records: list[dict], cues: list[str], seed: int) -> PersonaScorer:
     """The persona scorer of this run: every teacher candidate (in character) vs every student answer."""
     positives = [a["text"] for r in records for a in r["teacher"] if a["text"].strip()]
     negatives = [a["text"] for r in records for a in r["student"] if a["text"].strip()]
-    return PersonaScorer.fit(positives, negatives, seed=seed)
+    return PersonaScorer.fit(positives, negatives, cues=cues, seed=seed)
 
 
 def ended(answer: Answer, trim: bool) -> Answer:
@@ -329,6 +340,8 @@ def pair_filter_fixes(ctx: StageContext) -> dict[str, str]:
                       "or use a stronger teacher",
         "incorrect": f"raise distill.best_of (now {cfg.best_of}), set prompts.checkable_prompts: 0, or use a "
                      "stronger teacher",
+        "no_voice_cue": f"raise distill.best_of (now {cfg.best_of}), add words to persona.voice.vocabulary, or "
+                        "remove no_voice_cue from distill.filters",
     }
 
 
@@ -363,9 +376,10 @@ def run(ctx: StageContext) -> StageResult:
     requests += second_turns
     wanted = {request.id: request.prompt for request in requests}
     records = [record for record in read_jsonl(store.path) if record["id"] in wanted]
-    scorer = fit_scorer(records, cfg.seed)
+    scorer = fit_scorer(records, voice_cues(ctx), cfg.seed)
     atomic_write_json(ctx.run.path(SCORER_FILE), scorer.to_dict())
-    pair_filter = PairFilter(cfg, ctx.constitution.persona.name, chat_token_counter(ctx.recipe.models, ctx.shared))
+    pair_filter = PairFilter(cfg, ctx.constitution.persona.name, chat_token_counter(ctx.recipe.models, ctx.shared),
+                             cue_pattern(voice_cues(ctx)))
     kept, dropped, passed_over = [], [], 0
     for record in records:
         pairs, drops, skipped = select_pairs(ctx, wanted[record["id"]], record, pair_filter, scorer)
