@@ -52,10 +52,11 @@ def test_every_process_count_sees_the_same_global_batches():
 
 def test_launch_commands_and_no_recursion(monkeypatch):
     torchrun = launch_command(["train", "x.yaml"], launcher="torchrun", nproc=2)
-    assert torchrun[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    guard = ["-m", "character_baker.stages.training.launch"]  # the launcher ends with the command that started it
+    assert torchrun[1:] == [*guard, "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                             "-m", "character_baker", "train", "x.yaml"]
     accelerate = launch_command(["train"], launcher="accelerate", nproc=4)
-    assert accelerate[1:5] == ["-m", "accelerate.commands.launch", "--num_processes", "4"]
+    assert accelerate[1:6] == [*guard, "accelerate.commands.launch", "--num_processes", "4"]
     assert "--multi_gpu" in accelerate and accelerate[-3:] == ["-m", "character_baker", "train"]
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert relaunch(["train"], launcher="torchrun", nproc=2) is None  # already launched: do the work here
@@ -98,3 +99,4 @@ def test_fsdp_trains_without_autocast_and_keeps_it_otherwise(monkeypatch):
     assert _mixed_precision(bf16) == "bf16" and _mixed_precision(nn.Linear(2, 2)) == "no"
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert _mixed_precision(bf16) == "no"
+
