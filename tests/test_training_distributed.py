@@ -100,3 +100,24 @@ def test_fsdp_trains_without_autocast_and_keeps_it_otherwise(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert _mixed_precision(bf16) == "no"
 
+
+def test_a_checkpoint_killed_while_being_deleted_is_not_resumed(tmp_path, monkeypatch):
+    """Old checkpoints lose their marker before their files: a kill mid-delete leaves nothing that looks complete."""
+    import shutil
+
+    from character_baker.stages.training import checkpoints
+
+    folder = tmp_path / "checkpoint-4"
+    folder.mkdir()
+    (folder / checkpoints.STATE_FILE).write_bytes(b"state")
+    (folder / checkpoints.MARKER).write_text('{"fingerprint": "f", "step": 4}')
+    assert checkpoints.complete_checkpoints(tmp_path, "f") == [(4, folder)]
+
+    def killed(path, ignore_errors=False):
+        (Path(path) / checkpoints.STATE_FILE).unlink()  # one file gone, then the kill
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.remove_checkpoint(folder)
+    assert folder.is_dir() and checkpoints.complete_checkpoints(tmp_path, "f") == []
