@@ -8,6 +8,11 @@ with the uninterrupted run's adapter (the two-process parity test's tolerance).
 
 LoRA dropout is on, so each rank's random state must come back as that rank saved it (the two
 ranks draw different amounts: their micro-batches have different shapes).
+
+On a machine with two GPUs the processes take one each (NCCL; accelerate then applies FSDP2
+itself), and CHARACTER_BAKER_RESUME_MODEL picks another model than the tiny one (a folder or a
+.gguf; docs/multi-gpu.md runs SmolLM2-135M-Instruct). CHARACTER_BAKER_RESUME_REPORT names a JSONL
+file that gets one line per kill-and-resume (steps, resume point, largest weight difference).
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ from character_baker.stages.training.launch import launch_command
 from tests.test_distill_data import cli_args
 
 REPO = Path(__file__).resolve().parents[1]
+ON_GPUS = torch.cuda.device_count() >= 2  # one GPU per process; else two CPU processes (gloo)
+MODEL = os.environ.get("CHARACTER_BAKER_RESUME_MODEL")
+REPORT = os.environ.get("CHARACTER_BAKER_RESUME_REPORT")
 SAVE_STEPS = 3
 TRAIN_SETTINGS = ["--set", f"distill.save_steps={SAVE_STEPS}",
                   "--set", "distill.lora.dropout=0.1", "--set", "distill.save_total_limit=2"]
@@ -41,6 +49,7 @@ FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP
 # accelerate 1.15 applies FSDP only on accelerator devices: on CPU processes it silently wraps the
 # model in DDP. This worker flips its state to FSDP before the CLI runs, so the same
 # `fsdp2_prepare_model` (torch's `fully_shard`, which runs on gloo) shards the model on the CPU.
+# On GPUs accelerate applies FSDP itself and the flip changes nothing.
 FSDP_ON_CPU_WORKER = """
 import sys
 from accelerate.state import AcceleratorState, PartialState
@@ -62,8 +71,15 @@ pytestmark = pytest.mark.slow
 
 
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1",
+    devices = {} if ON_GPUS else {"CUDA_VISIBLE_DEVICES": ""}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **devices,
             "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src")]), **(extra or {})}
+
+
+@pytest.fixture
+def model_dir(tiny_model_dir) -> Path:
+    """The model the runs train: CHARACTER_BAKER_RESUME_MODEL, else the tiny test model."""
+    return Path(MODEL) if MODEL else tiny_model_dir
 
 
 def _children() -> dict[int, list[int]]:
@@ -171,6 +187,13 @@ def largest_difference(a: Path, b: Path) -> float:
     return max(float((first[key] - second[key]).abs().max()) for key in first)
 
 
+def report(**numbers) -> None:
+    """One JSON line of this run's numbers into CHARACTER_BAKER_RESUME_REPORT, when it is set."""
+    if REPORT:
+        with open(REPORT, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"device": "cuda" if ON_GPUS else "cpu", **numbers}) + "\n")
+
+
 def kill_and_resume(cli, tmp_path: Path, model_dir: Path, command_for, env: dict, distribution: str) -> None:
     """The shared scenario: uninterrupted run, killed run, rerun; compare."""
     build_pairs(cli, model_dir, tmp_path / "pairs")
@@ -203,6 +226,8 @@ def kill_and_resume(cli, tmp_path: Path, model_dir: Path, command_for, env: dict
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["learning_rate"] == b["learning_rate"]
     difference = largest_difference(straight / "adapters" / "distill" / "adapter_model.safetensors",
                                     stage_dir / "adapter_model.safetensors")
+    report(distribution=distribution, model=str(model_dir), steps=total, checkpoints_at_kill=on_disk,
+           resumed_from_step=summary(resumed)["resumed_from_step"], largest_difference=difference)
     expected = load_file(straight / "adapters" / "distill" / "adapter_model.safetensors")
     actual = load_file(stage_dir / "adapter_model.safetensors")
     for key in expected:  # the two-process parity test's tolerance
@@ -216,19 +241,18 @@ def torchrun_command(model_dir: Path, run_dir: Path) -> list[str]:
             "--nproc", "2"]
 
 
-def test_ddp_killed_with_its_launcher_resumes_from_the_last_complete_checkpoint(cli, tmp_path, tiny_model_dir):
+def test_ddp_killed_with_its_launcher_resumes_from_the_last_complete_checkpoint(cli, tmp_path, model_dir):
     """`distill --launcher torchrun --nproc 2`: CLI, torchrun and both workers SIGKILLed, then the same command."""
-    kill_and_resume(cli, tmp_path, tiny_model_dir, lambda run_dir: torchrun_command(tiny_model_dir, run_dir), _env(),
-                    "DDP")
+    kill_and_resume(cli, tmp_path, model_dir, lambda run_dir: torchrun_command(model_dir, run_dir), _env(), "DDP")
 
 
-def test_killing_the_command_alone_ends_the_launcher_and_its_workers(cli, tmp_path, tiny_model_dir):
+def test_killing_the_command_alone_ends_the_launcher_and_its_workers(cli, tmp_path, model_dir):
     """SIGKILL of the CLI process only: torchrun (which starts each worker in its own session) and the workers end too.
 
     Otherwise they would train on, orphaned, into the run directory that a rerun trains in as well."""
     run_dir = tmp_path / "run"
-    build_pairs(cli, tiny_model_dir, run_dir)
-    command = [*torchrun_command(tiny_model_dir, run_dir), "--set", "distill.epochs=8"]
+    build_pairs(cli, model_dir, run_dir)
+    command = [*torchrun_command(model_dir, run_dir), "--set", "distill.epochs=8"]
     process = start_until_checkpoint(command, _env(), run_dir / "adapters" / "distill", tmp_path / "run.log")
     tree = process_tree(process.pid)
     assert len(tree) >= 4, f"expected the command, the launcher and two workers, found {tree}"
@@ -238,13 +262,13 @@ def test_killing_the_command_alone_ends_the_launcher_and_its_workers(cli, tmp_pa
     assert not (run_dir / "adapters" / "distill" / "adapter_model.safetensors").exists()
 
 
-def test_fsdp2_killed_resumes_from_the_last_complete_checkpoint(cli, tmp_path, tiny_model_dir):
+def test_fsdp2_killed_resumes_from_the_last_complete_checkpoint(cli, tmp_path, model_dir):
     """FSDP2 (accelerate, fully_shard on gloo) in two CPU processes: accelerate launch and both workers SIGKILLed."""
     worker = tmp_path / "fsdp_on_cpu.py"
     worker.write_text(textwrap.dedent(FSDP_ON_CPU_WORKER))
 
     def command_for(run_dir: Path) -> list[str]:
-        return launch_command(train_command(tiny_model_dir, run_dir), launcher="accelerate", nproc=2,
+        return launch_command(train_command(model_dir, run_dir), launcher="accelerate", nproc=2,
                               program=[str(worker)])
 
-    kill_and_resume(cli, tmp_path, tiny_model_dir, command_for, _env(FSDP2_ENV), "FSDP2")
+    kill_and_resume(cli, tmp_path, model_dir, command_for, _env(FSDP2_ENV), "FSDP2")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -121,3 +122,19 @@ def test_a_checkpoint_killed_while_being_deleted_is_not_resumed(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         checkpoints.remove_checkpoint(folder)
     assert folder.is_dir() and checkpoints.complete_checkpoints(tmp_path, "f") == []
+
+
+@pytest.mark.slow
+def test_the_training_benchmark_runs_in_two_processes_at_the_same_global_batch(tmp_path):
+    """`benchmarks/train.py --nproc 2` re-runs itself under torchrun; rank 0 alone appends one two-process section."""
+    results = tmp_path / "RESULTS.md"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src")])}
+    done = subprocess.run([sys.executable, "benchmarks/train.py", "--config", "tiny", "--device", "cpu", "--threads", "1",
+                           "--seq-len", "64", "--pairs-per-step", "4", "--steps", "2", "--warmup-steps", "1",
+                           "--no-trl", "--nproc", "2", "--results", str(results)],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    section = results.read_text()
+    assert section.count("## LoRA DPO training") == 1 and "2 processes (DDP, same global batch)" in section
+    assert "x 2 process(es) (DDP)" in done.stdout and "--nproc 2" in section

@@ -75,9 +75,23 @@ def launch_command(argv: Sequence[str], *, launcher: str, nproc: int,
     return [*head, *program, *argv]
 
 
+def without_launch_options(argv: Sequence[str]) -> list[str]:
+    """`argv` less `--launcher X` and `--nproc N` (torchrun's parser would take `--nproc` for its own option)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--launcher", "--nproc"):
+            skip = True
+        elif not arg.startswith(("--launcher=", "--nproc=")):
+            kept.append(arg)
+    return kept
+
+
 def relaunch(argv: Sequence[str], *, launcher: str | None, nproc: int,
              program: Sequence[str] = DEFAULT_PROGRAM, env: dict[str, str] | None = None) -> int | None:
-    """Run `argv` under `launcher` and return its exit code; None when this process should do the work itself.
+    """Run `argv` (less its launch options) under `launcher` and return its exit code; None when this
+    process should do the work itself.
 
     Inside a launched worker it also ties the worker's life to its launcher's (`end_with_parent`).
     """
@@ -86,7 +100,7 @@ def relaunch(argv: Sequence[str], *, launcher: str | None, nproc: int,
         return None
     if launcher is None:
         return None
-    command = launch_command(argv, launcher=launcher, nproc=nproc, program=program)
+    command = launch_command(without_launch_options(argv), launcher=launcher, nproc=nproc, program=program)
     return subprocess.call(command, env={**os.environ, **(env or {}), PARENT_PID: str(os.getpid())})
 
 
