@@ -1,6 +1,6 @@
 """SIGKILL a two-process training run (launcher and both workers) after a checkpoint; the rerun resumes.
 
-Each test builds the tiny model's pairs once (`--data-only`), trains them uninterrupted in two
+The tiny model's pairs are built once (`--data-only`); each test trains them uninterrupted in two
 gloo processes, then trains a copy that is killed as soon as one complete checkpoint exists and
 runs the same command again. The rerun must resume from the newest complete checkpoint (a
 marker-less folder planted after it is ignored), finish, log every step exactly once and end
@@ -76,10 +76,21 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src")]), **(extra or {})}
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def model_dir(tiny_model_dir) -> Path:
     """The model the runs train: CHARACTER_BAKER_RESUME_MODEL, else the tiny test model."""
     return Path(MODEL) if MODEL else tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory, model_dir) -> Path:
+    """A run folder holding the model's distillation pairs (`distill --data-only`), built once for the module."""
+    run_dir = tmp_path_factory.mktemp("pairs") / "run"
+    cache = {"CHARACTER_BAKER_CACHE": str(tmp_path_factory.getbasetemp() / "cb-cache")}  # as conftest isolates it
+    done = subprocess.run([sys.executable, "-m", "character_baker", *cli_args(model_dir, run_dir)], env=_env(cache),
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return run_dir
 
 
 def _children() -> dict[int, list[int]]:
@@ -142,12 +153,6 @@ def complete_steps(stage_dir: Path) -> list[int]:
     return sorted(steps)
 
 
-def build_pairs(cli, model_dir: Path, run_dir: Path) -> None:
-    """The tiny model's distillation pairs, built in-process."""
-    code, _, err = cli(*cli_args(model_dir, run_dir))
-    assert code == 0, err
-
-
 def train_command(model_dir: Path, run_dir: Path) -> list[str]:
     """`distill --skip-data` on the tiny model with frequent checkpoints (no launcher options)."""
     args = [a for a in cli_args(model_dir, run_dir) if a != "--data-only"]
@@ -194,12 +199,11 @@ def report(**numbers) -> None:
             handle.write(json.dumps({"device": "cuda" if ON_GPUS else "cpu", **numbers}) + "\n")
 
 
-def kill_and_resume(cli, tmp_path: Path, model_dir: Path, command_for, env: dict, distribution: str) -> None:
+def kill_and_resume(pairs: Path, tmp_path: Path, model_dir: Path, command_for, env: dict, distribution: str) -> None:
     """The shared scenario: uninterrupted run, killed run, rerun; compare."""
-    build_pairs(cli, model_dir, tmp_path / "pairs")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    shutil.copytree(tmp_path / "pairs", straight)
-    shutil.copytree(tmp_path / "pairs", resumed)
+    shutil.copytree(pairs, straight)
+    shutil.copytree(pairs, resumed)
 
     done = subprocess.run(command_for(straight), env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
@@ -241,17 +245,17 @@ def torchrun_command(model_dir: Path, run_dir: Path) -> list[str]:
             "--nproc", "2"]
 
 
-def test_ddp_killed_with_its_launcher_resumes_from_the_last_complete_checkpoint(cli, tmp_path, model_dir):
+def test_ddp_killed_with_its_launcher_resumes_from_the_last_complete_checkpoint(pairs, tmp_path, model_dir):
     """`distill --launcher torchrun --nproc 2`: CLI, torchrun and both workers SIGKILLed, then the same command."""
-    kill_and_resume(cli, tmp_path, model_dir, lambda run_dir: torchrun_command(model_dir, run_dir), _env(), "DDP")
+    kill_and_resume(pairs, tmp_path, model_dir, lambda run_dir: torchrun_command(model_dir, run_dir), _env(), "DDP")
 
 
-def test_killing_the_command_alone_ends_the_launcher_and_its_workers(cli, tmp_path, model_dir):
+def test_killing_the_command_alone_ends_the_launcher_and_its_workers(pairs, tmp_path, model_dir):
     """SIGKILL of the CLI process only: torchrun (which starts each worker in its own session) and the workers end too.
 
     Otherwise they would train on, orphaned, into the run directory that a rerun trains in as well."""
     run_dir = tmp_path / "run"
-    build_pairs(cli, model_dir, run_dir)
+    shutil.copytree(pairs, run_dir)
     command = [*torchrun_command(model_dir, run_dir), "--set", "distill.epochs=8"]
     process = start_until_checkpoint(command, _env(), run_dir / "adapters" / "distill", tmp_path / "run.log")
     tree = process_tree(process.pid)
@@ -262,7 +266,7 @@ def test_killing_the_command_alone_ends_the_launcher_and_its_workers(cli, tmp_pa
     assert not (run_dir / "adapters" / "distill" / "adapter_model.safetensors").exists()
 
 
-def test_fsdp2_killed_resumes_from_the_last_complete_checkpoint(cli, tmp_path, model_dir):
+def test_fsdp2_killed_resumes_from_the_last_complete_checkpoint(pairs, tmp_path, model_dir):
     """FSDP2 (accelerate, fully_shard on gloo) in two CPU processes: accelerate launch and both workers SIGKILLed."""
     worker = tmp_path / "fsdp_on_cpu.py"
     worker.write_text(textwrap.dedent(FSDP_ON_CPU_WORKER))
@@ -271,4 +275,4 @@ def test_fsdp2_killed_resumes_from_the_last_complete_checkpoint(cli, tmp_path, m
         return launch_command(train_command(model_dir, run_dir), launcher="accelerate", nproc=2,
                               program=[str(worker)])
 
-    kill_and_resume(cli, tmp_path, model_dir, command_for, _env(FSDP2_ENV), "FSDP2")
+    kill_and_resume(pairs, tmp_path, model_dir, command_for, _env(FSDP2_ENV), "FSDP2")
