@@ -151,6 +151,11 @@ def _train_on_cpu(model: nn.Module, world_size: int) -> bool:
     return not torch.cuda.is_available() or (on_cpu and world_size == 1)
 
 
+def fsdp_requested() -> bool:
+    """True when accelerate's environment asks for FSDP (ACCELERATE_USE_FSDP)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
+
+
 def distribution_name(accelerator: Any) -> str:
     """How the processes share the model: 'FSDP2', 'FSDP', 'DDP', or 'one process'."""
     if accelerator.num_processes == 1:
@@ -167,7 +172,7 @@ def _mixed_precision(model: nn.Module) -> str:
     precision would cast the float32 LoRA weights to bf16 and hand back bf16 gradients for float32
     shards; PEFT already casts each layer's input to its LoRA weights' dtype and back.
     """
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
+    if fsdp_requested():
         return "no"
     dtype = next(model.parameters()).dtype
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
@@ -248,6 +253,9 @@ class LoraTrainer:
         self.reporter.message(f"{self.stage}: {len(self.examples)} examples, {self.total_steps} steps "
                               f"({self.start_step} done), {self.accumulation} accumulation step(s) x {world_size} "
                               f"process(es) ({distribution_name(self.accelerator)}) on {self.accelerator.device}{self.embedding_note}")
+        if fsdp_requested() and distribution_name(self.accelerator) == "DDP":  # accelerate shards on GPUs only
+            self.reporter.message(f"warning: {self.stage}: ACCELERATE_USE_FSDP is set, but accelerate applies FSDP on "
+                                  f"GPUs only: these {world_size} CPU processes train with DDP")
         self.prepared = self.objective.prepare(self.scorer, self.examples, self.run_dir)
         for extra in self.extra_losses:
             extra.attach(self.peft_model)
