@@ -95,10 +95,8 @@ def relaunch(argv: Sequence[str], *, launcher: str | None, nproc: int,
 
     Inside a launched worker it also ties the worker's life to its launcher's (`end_with_parent`).
     """
-    if in_distributed_launch():
-        end_with_parent(signal.SIGKILL)
-        return None
-    if launcher is None:
+    if in_distributed_launch() or launcher is None:
+        end_with_parent(signal.SIGKILL)  # a launched worker (accelerate's one-process launcher sets no WORLD_SIZE)
         return None
     command = launch_command(without_launch_options(argv), launcher=launcher, nproc=nproc, program=program)
     return subprocess.call(command, env={**os.environ, **(env or {}), PARENT_PID: str(os.getpid())})
