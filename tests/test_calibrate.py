@@ -54,3 +54,15 @@ def test_calibrate_writes_the_chosen_scale_as_the_persona(cli, tmp_path, tiny_mo
     assert "chosen scale 2" in out
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["stages"]["calibrate"]["summary"]["chosen_scale"] == 2.0
+
+
+def test_small_sets_are_judged_paired_with_one_standard_error_of_slack():
+    base = {"scale": 0.0, "looping": 0.0, "mc_accuracy": 16 / 24, "looping_flags": [False] * 8,
+            "mc_correct": [True] * 16 + [False] * 8}
+    one_flip = {"scale": 1.0, "looping": 0.0, "mc_accuracy": 15 / 24, "looping_flags": [False] * 8,
+                "mc_correct": [False] + [True] * 15 + [False] * 8}
+    # One item of 24 flipped: a 4.2-point drop, over the 3-point tolerance but within one paired SE (1/24).
+    assert choose_scale([base, dict(one_flip)], CalibrateConfig())["scale"] == 1.0
+    four_flips = {**one_flip, "mc_accuracy": 12 / 24, "mc_correct": [False] * 4 + [True] * 12 + [False] * 8}
+    choice = choose_scale([base, four_flips, {**base, "scale": 0.5}], CalibrateConfig())
+    assert choice["scale"] == 0.5  # 16.7 points down with SE 2/24: too far

@@ -175,3 +175,14 @@ def test_prefill_conversations_use_the_students_answer_and_our_own_follow_up():
     chosen = prefill_prompt_ids(prompts, 0.25, seed=0)
     assert len(chosen) == 5 and not chosen & {"math", "bad"} and chosen == prefill_prompt_ids(prompts, 0.25, seed=0)
     assert all(follow_up(p) in FOLLOW_UPS for p in chosen) and "Tell me more." not in FOLLOW_UPS
+
+
+def test_answers_at_the_token_limit_are_cut_to_their_last_finished_sentence():
+    from character_baker.stages.data.distill_pairs import Answer, ended
+
+    long = Answer("Arr, the tide comes in twice a day because the moon pulls the sea. And when the", "length")
+    assert ended(long, True) == Answer("Arr, the tide comes in twice a day because the moon pulls the sea.", "stop")
+    assert ended(long, False) == long
+    assert ended(Answer("Arr. And then", "length"), True).finish_reason == "length"  # too little left: still truncated
+    finished = Answer("Done.", "stop")
+    assert ended(finished, True) is finished

@@ -121,6 +121,18 @@ def test_eval_runs_every_condition_and_measure_and_writes_both_reports(cli, eval
     assert code == 0 and "skipped" in out and "eval: rook" in out
 
 
+def test_eval_conditions_limits_the_builtin_conditions_and_says_why(cli, eval_run):
+    run, bert = eval_run
+    arguments = ["--preset", "smoke", "--set", f"models.classifier={bert}", *[f"--set={s}" for s in SIZES],
+                 "--set", "eval.conditions=[base, trained]"]
+    code, out, err = cli("eval", str(run.root), *arguments)
+    assert code == 0, err
+    report = json.loads(run.path("eval", "report.json").read_text())
+    assert [c["name"] for c in report["conditions"]] == ["base", "trained"]
+    assert report["skipped_conditions"]["distilled"] == "not in eval.conditions"
+    assert "trained" in report["samples"]["plain"][0]["answers"]
+
+
 def test_user_mistakes_exit_2_with_the_fix(cli, eval_run, tmp_path):
     run, bert = eval_run
     code, _, err = cli("eval", str(tmp_path))

@@ -325,7 +325,7 @@ def test_conditions_follow_the_run_folders(tmp_path, tiny_model_dir, monkeypatch
     assert [c.name for c in built.conditions] == ["base", "prompted"]
     assert set(built.skipped) == {"distilled", "trained"}
     # The smoke preset's brief card (the full prompt is checked in the persona_prompt test below).
-    assert built.get("prompted").system_prompt.startswith("You are Captain Rook, a weathered pirate captain.")
+    assert built.get("prompted").system_prompt.startswith("You are Captain Rook, a weathered pirate captain, gruff")
     run.path("profile", "profile.safetensors").write_bytes(b"")
     monkeypatch.setattr(conditions, "STEERING_MODULE", "character_baker.backends.no_such_steering_module")
     assert "not installed" in conditions.ConditionBuilder(ctx).build({}, {}).skipped["steered"]

@@ -275,3 +275,27 @@ def test_grouped_prefill_and_trimmed_attention_give_the_same_logits(tiny_tok, sh
     assert len(decoding.row_groups(real, prefix, 3)) == 3
     for ours, reference in zip(run(groups=3, trim=True), plain):
         torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_adapter_fingerprint_and_saving_never_look_the_model_up_online(tmp_path, tiny_lm, monkeypatch):
+    """PEFT's save_embedding_layers='auto' asks the Hub for the base model's config (a network call offline)."""
+    import socket
+    import warnings
+
+    from character_baker.backends.generation.hf import HFBackend
+    from character_baker.backends.models import attach_lora
+    from character_baker.core.config import LoraConfig
+    from character_baker.stages.training.checkpoints import save_adapter
+
+    model, tokenizer = tiny_lm
+    model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"  # a Hub id, as a pulled model has
+    peft_model = attach_lora(model, LoraConfig(r=2, alpha=4), seed=0)
+    peft_model.peft_config["default"].base_model_name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    lookups = []
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: lookups.append(args) or (_ for _ in ()).throw(OSError("offline")))
+    with warnings.catch_warnings(record=True) as caught:  # offline (as in tests) PEFT only warns that it would look
+        warnings.simplefilter("always")
+        HFBackend(peft_model, tokenizer).adapter_fingerprint("default")
+        state = {f"model.{k}": v for k, v in peft_model.state_dict().items() if "lora_" in k}
+        save_adapter(peft_model, state, tmp_path / "adapter")
+    assert lookups == [] and not [w for w in caught if "config file" in str(w.message) or "remote" in str(w.message)]

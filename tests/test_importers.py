@@ -124,3 +124,13 @@ def test_missing_file(tmp_path):
 def test_name_without_letters_is_rejected(tmp_path):
     [problem] = problems_of(write_list(tmp_path, HAND_WRITTEN), name="!!!")
     assert problem.field == "--name" and "--name" in problem.fix
+
+
+def test_an_imported_constitution_gets_a_brief_card_that_reads_as_a_sentence(tmp_path):
+    from character_baker.core.importers import import_oct
+    from character_baker.core.system_prompts import brief_system_prompt
+
+    source = tmp_path / "sarcastic.json"
+    source.write_text('[{"trait": "I answer with dry sarcasm.", "questions": ["Why is the sky blue?"]}]')
+    card = brief_system_prompt(import_oct(source))
+    assert card.startswith("You are Sarcastic, an AI assistant with a character of its own. ") and "Imported" not in card

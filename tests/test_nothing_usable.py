@@ -17,7 +17,8 @@ def test_distill_data_with_every_pair_filtered_exits_2_with_the_counts_and_the_f
                          "--run", str(tmp_path / "run"), "--set", "generation.teacher.sampling.max_new_tokens=2")
     assert code == 2, (out, err)
     message = _flat(err)
-    assert "distill_data: no usable pairs: every one was filtered (truncated 76)" in message
+    # 80 prompts (the smoke sizes) x best_of 2 candidates, every one cut off at 2 tokens.
+    assert "distill_data: no usable pairs: every one was filtered (truncated 160)" in message
     assert "raise generation.teacher.sampling.max_new_tokens (now 2)" in message
     assert "pairs:" not in out and "Traceback" not in err
     assert (tmp_path / "run" / "data" / "distill.filtered.jsonl").is_file()  # the drops are kept, with reasons

@@ -12,12 +12,12 @@ def test_plain_lines_name_the_stage_and_the_rescaled_eta():
     stream = io.StringIO()
     display = ChainDisplay(["prompts", "distill"], {"prompts": 10.0, "distill": 100.0}, stream=stream, terminal=False)
     display.stage_started("prompts")
-    display.stage_finished("prompts", seconds=20.0)  # twice the estimate: the rest is expected to take twice as long
+    display.stage_finished("prompts", seconds=80.0)  # 8x its estimate: (80 + 60) / (10 + 60) = 2x for the rest
     assert display.eta_seconds() == 200.0
     display.stage_started("distill")
     lines = stream.getvalue().splitlines()
     assert lines[0].startswith("[stage 1/2 prompts] started; elapsed 0:00:00, run ETA 0:01:50")
-    assert lines[1] == "[stage 1/2 prompts] ran in 20.0s; run ETA 0:03:20"
+    assert lines[1] == "[stage 1/2 prompts] ran in 80.0s; run ETA 0:03:20"
     assert lines[2].startswith("[stage 2/2 distill] started;")
 
 

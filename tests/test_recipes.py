@@ -13,7 +13,7 @@ def test_defaults_are_the_published_ones():
     assert recipe.distill.learning_rate == 5e-5 and recipe.distill.warmup_ratio == 0.1
     assert (recipe.distill.beta, recipe.distill.nll_coef, recipe.distill.kl_coef) == (0.1, 0.1, 0.001)
     assert (recipe.distill.batch_size, recipe.distill.max_length, recipe.distill.epochs) == (32, 1024, 1)
-    assert recipe.distill.samples_per_prompt == 5
+    assert recipe.distill.best_of == 5  # K = 5 teacher samples per prompt (the best one becomes chosen)
     assert (recipe.generation.teacher.sampling.temperature, recipe.generation.teacher.sampling.top_p) == (0.7, 0.95)
     assert recipe.introspect.max_length == 3072 and recipe.introspect.turns == 10
     assert recipe.merge.weights == {"distill": 1.0, "introspect": 0.25}

@@ -199,6 +199,10 @@ class DistillConfig(TrainingConfig):
                                                        "persona scorer (teacher vs student answers).")
     score_repetition: float = Field(1.0, ge=0, description="Selection score: penalty weight on rep-2 (the share of "
                                                           "repeated word bigrams) of a candidate.")
+    trim_truncated: bool = Field(
+        True, description="A teacher or student answer that stopped at the token limit is cut back to its last "
+                          "finished sentence (when 12+ words remain) before the filters, so the truncated filter "
+                          "drops only answers with nothing finished; chosen and rejected are cut alike.")
     prefill_fraction: float = Field(
         0.0, ge=0.0, le=1.0, description="Share of prompts that also become two-turn conversations: the student's "
                                          "generic answer as the first assistant turn, a follow-up, then the teacher "
@@ -253,6 +257,9 @@ class IntrospectConfig(TrainingConfig):
         True, description="Stop rule: cut each generated answer before its first sentence that repeats an earlier "
                           "one or starts a loop (a word 4-gram 3+ times); the clean opening is kept and filtered as "
                           "usual. Small models' reflections often start well and then repeat.")
+    trim_truncated: bool = Field(
+        True, description="Stop rule: an answer that stopped at the token limit is cut after its last finished "
+                          "sentence (when 12+ words remain), so training does not teach stopping mid-sentence.")
 
 
 class SdftConfig(TrainingConfig):
@@ -348,6 +355,10 @@ class CalibrateConfig(Section):
 class EvalConfig(Section):
     """Evaluation sizes and settings. Conditions answer with generation.student's backend and sampling."""
 
+    conditions: list[Literal["base", "prompted", "steered", "distilled", "trained"]] = Field(
+        default_factory=lambda: ["base", "prompted", "steered", "distilled", "trained"],
+        description="Built-in conditions to evaluate when the run has them (base is always measured: every change "
+                    "is reported against it); --adapter and --model add more.")
     prompts: int = Field(200, ge=1, description="Held-out prompts per condition (shipped eval set, stratified by category).")
     robustness_prompts: int = Field(50, ge=0, description="Prompts answered under each of the 8 break-character "
                                                           "instructions and under the prefill attack.")

@@ -79,15 +79,16 @@ def degeneration_summary(texts: Sequence[str], finish_reasons: Sequence[str] | N
     return out
 
 
-SENTENCE_END = re.compile(r"(?<=[.!?\u2026])[\"')\]*]*\s+|\n+")
+SENTENCE_END = re.compile(r"(?<=[.!?\u2026])([\"')\]*]*)\s+|\n+")
 
 
 def sentence_spans(text: str) -> list[tuple[int, int]]:
     """(start, end) of each sentence: split after sentence-final punctuation (closing quotes kept) and at line breaks."""
     spans, start = [], 0
     for match in SENTENCE_END.finditer(text):
-        if text[start:match.start()].strip():
-            spans.append((start, match.start()))
+        end = match.start() + len(match.group(1) or "")  # closing quotes and brackets stay with their sentence
+        if text[start:end].strip():
+            spans.append((start, end))
         start = match.end()
     if text[start:].strip():
         spans.append((start, len(text)))
@@ -108,3 +109,16 @@ def trim_repetition(text: str) -> str:
             return text[:start].rstrip()
         seen.add(key)
     return text.strip()
+
+
+def cut_to_last_sentence(text: str, min_words: int = 12) -> str | None:
+    """A text that stopped at the token limit, cut after its last finished sentence; None when too little is left.
+
+    Trains the habit of ending an answer instead of the habit of stopping mid-sentence; what is cut
+    is counted as a truncation only when fewer than `min_words` words would remain."""
+    spans = sentence_spans(text)
+    finished = [end for start, end in spans if re.search(r"[.!?\u2026][\"')\]*]*$", text[start:end].rstrip())]
+    if not finished:
+        return None
+    cut = text[:finished[-1]].rstrip()
+    return cut if len(word_tokens(cut)) >= min_words else None

@@ -28,6 +28,7 @@ FORMAT_HINT = ('expected a JSON list of {"trait": ..., "questions": [...]} objec
 
 
 Location = tuple[str, int | None]
+IMPORTED_TAGLINE = "an AI assistant with a character of its own"
 
 
 def _entries(path: Path, text: str) -> list[tuple[Location, Any]]:
@@ -134,7 +135,8 @@ def import_oct(path: str | Path, name: str | None = None) -> Constitution:
         "meta": {"name": slug, "version": "1.0", "author": "",
                  "description": f"Imported from the Open Character Training file {path.name}; add voice, "
                                 f"directives, safety refusals and examples (see `constitution score`)."},
-        "persona": {"name": persona, "identity": _identity(persona, traits)},
+        # OCT files hold traits only: a neutral tagline keeps the brief card a sentence (the description is a note).
+        "persona": {"name": persona, "tagline": IMPORTED_TAGLINE, "identity": _identity(persona, traits)},
         "traits": traits,
     }
     return validate_or_raise(Constitution, data, str(path))  # type: ignore[return-value]

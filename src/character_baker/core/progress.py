@@ -20,6 +20,7 @@ import time
 from typing import IO, Any, Iterator
 
 _CURRENT: "ChainDisplay | None" = None
+PRIOR_SECONDS = 60.0  # estimate-seconds of evidence the ETA's rescaling starts from (at factor 1)
 
 
 def format_duration(seconds: float) -> str:
@@ -51,9 +52,12 @@ class ChainDisplay:
 
     # ------------------------------------------------------------------ the run's line
     def eta_seconds(self) -> float:
-        """Seconds left: the estimates of the stages not done, rescaled by the finished stages' actual/estimate."""
+        """Seconds left: the estimates of the stages not done, rescaled by the finished stages' actual/estimate.
+
+        The rescaling starts from a prior of PRIOR_SECONDS at factor 1, so one instant stage (a cached
+        prompt set) does not make the rest of the run look five times shorter."""
         finished_estimate = sum(self.estimates.get(s, 0.0) for s in self.done)
-        factor = sum(self.done.values()) / finished_estimate if finished_estimate > 0 else 1.0
+        factor = (sum(self.done.values()) + PRIOR_SECONDS) / (finished_estimate + PRIOR_SECONDS)
         factor = min(max(factor, 0.2), 5.0)
         remaining = [s for s in self.stages if s not in self.done]
         return factor * sum(self.estimates.get(s, 0.0) for s in remaining)

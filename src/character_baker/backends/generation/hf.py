@@ -131,7 +131,7 @@ class HFBackend(GenerationBackend):
 
         digest = hashlib.sha256(json.dumps(self.model.peft_config[adapter].to_dict(), sort_keys=True,
                                            default=str).encode())
-        state = get_peft_model_state_dict(self.model, adapter_name=adapter)
+        state = get_peft_model_state_dict(self.model, adapter_name=adapter, save_embedding_layers=False)  # no Hub lookup
         for key in sorted(state):
             digest.update(key.encode())
             digest.update(state[key].detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())

@@ -11,7 +11,9 @@ Three steps, each resumable:
    held-out accuracy (`core.persona_scorer`).
 3. **Selection** (`data/distill.jsonl` kept pairs, `data/distill.filtered.jsonl` dropped
    candidates with their reason; both rewritten atomically from the candidates): each candidate
-   passes the filters in `distill.filters` (empty, truncated, over the token budget, duplicate,
+   is first cut back to its last finished sentence when it stopped at the token limit
+   (`distill.trim_truncated`, chosen and rejected alike), then passes the filters in
+   `distill.filters` (empty, truncated, over the token budget, duplicate,
    assistant phrases, point of view, benign refusals, **degenerate** = a word 4-gram said 3+ times,
    **incorrect** = a checkable prompt's answer missing) or is dropped and counted; the survivors
    are ranked by `score_persona` x P(in character) - `score_repetition` x rep-2 and the best
@@ -25,6 +27,7 @@ prefill attack tests.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -32,7 +35,7 @@ from typing import Any, Callable
 
 from character_baker.core.answers import contains_answer
 from character_baker.core.config import BackendConfig, DistillConfig
-from character_baker.core.degeneration import is_looping, rep_n
+from character_baker.core.degeneration import cut_to_last_sentence, is_looping, rep_n
 from character_baker.core.persona_scorer import RUN_FILE as SCORER_FILE, PersonaScorer
 from character_baker.core.runs import JsonlStore, atomic_write_json, read_jsonl, stable_hash, write_jsonl_atomic
 from character_baker.core.stage import StageContext, StageResult, nothing_usable_error
@@ -185,7 +188,9 @@ def generate_candidates(ctx: StageContext, requests: list[Request], store: Jsonl
     rejected_role = gen.teacher if cfg.paired_teacher else gen.student
     student = make_backend(rejected_role, ctx.recipe.models, cache_dir=cache_dir, shared=ctx.shared)
     persona, tokens = ctx.constitution.persona.name, 0
-    chunk = max(gen.teacher.batch_size // max(cfg.best_of, 1), 1)
+    # Equal chunks of at most one batch of teacher rows each: a last chunk of two prompts costs a whole decode.
+    largest = max(gen.teacher.batch_size // max(cfg.best_of, 1), 1)
+    chunk = math.ceil(len(todo) / math.ceil(len(todo) / largest))
     ctx.log(f"[distill-data] {len(todo)} conversations to answer ({cfg.best_of} teacher candidates and "
             f"{cfg.samples_per_prompt} student answers each, chunks of {chunk})")
     for start in range(0, len(todo), chunk):
@@ -248,6 +253,16 @@ def fit_scorer(records: list[dict], seed: int) -> PersonaScorer:
     return PersonaScorer.fit(positives, negatives, seed=seed)
 
 
+def ended(answer: Answer, trim: bool) -> Answer:
+    """An answer cut at the token limit, cut back to its last finished sentence (when `trim` and enough is left).
+
+    Chosen and rejected answers are cut alike, so the pair does not teach "shorter is better"."""
+    if not trim or answer.finish_reason != "length":
+        return answer
+    cut = cut_to_last_sentence(answer.text)
+    return answer if cut is None else replace(answer, text=cut, finish_reason="stop")
+
+
 def candidate_score(cfg: DistillConfig, scorer: PersonaScorer, text: str) -> float:
     """score_persona x P(in character) - score_repetition x rep-2 (0 for answers under two words)."""
     return cfg.score_persona * scorer.score([text])[0] - cfg.score_repetition * (rep_n(text, 2) or 0.0)
@@ -257,8 +272,8 @@ def select_pairs(ctx: StageContext, prompt: dict, record: dict, pair_filter: Pai
                  scorer: PersonaScorer) -> tuple[list[dict], list[dict], int]:
     """(kept pairs, dropped candidates with their reason, candidates passed over) for one candidates record."""
     cfg = ctx.recipe.distill
-    teacher = [Answer(**a) for a in record["teacher"]]
-    students = [Answer(**a) for a in record["student"]]
+    teacher = [ended(Answer(**a), cfg.trim_truncated) for a in record["teacher"]]
+    students = [ended(Answer(**a), cfg.trim_truncated) for a in record["student"]]
     probe = next((s for s in students if s.text.strip()), students[0] if students else Answer("", "stop"))
     messages = record["turns"] or [{"role": "user", "content": prompt["prompt"]}]
     context = {**prompt, "messages": messages}

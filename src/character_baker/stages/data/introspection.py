@@ -33,7 +33,7 @@ from typing import Any, Callable
 from character_baker.backends.models import chat_token_counter
 from character_baker.core import assets
 from character_baker.core.config import BackendConfig, IntrospectConfig, SamplingConfig
-from character_baker.core.degeneration import trim_repetition
+from character_baker.core.degeneration import cut_to_last_sentence, trim_repetition
 from character_baker.core.errors import UserError
 from character_baker.core.runs import JsonlStore, adapter_hash, is_adapter_folder, read_jsonl, stable_hash, write_jsonl_atomic
 from character_baker.core.stage import StageContext, StageResult, nothing_usable_error
@@ -157,15 +157,16 @@ class Output:
 
 
 def stop_rules(cfg: IntrospectConfig, completion: Any) -> Any:
-    """The completion cut before its first repeated sentence or loop (`trim_repetition`), when that is on.
-
-    A cut answer ends on a finished sentence, so it is marked "stop", not "length"."""
-    if not cfg.trim_repetition:
-        return completion
-    trimmed = trim_repetition(completion.text)
-    if trimmed == completion.text.strip():
-        return completion
-    return replace(completion, text=trimmed, finish_reason="stop")
+    """The completion cut before its first repeated sentence or loop (`trim_repetition`), and, when it stopped
+    at the token limit, after its last finished sentence (`trim_truncated`). A cut answer is marked "stop"."""
+    text, finish = completion.text, completion.finish_reason
+    if cfg.trim_repetition:
+        trimmed = trim_repetition(text)
+        text, finish = (trimmed, "stop") if trimmed != text.strip() else (text, finish)
+    if cfg.trim_truncated and finish == "length":
+        cut = cut_to_last_sentence(text)
+        text, finish = (cut, "stop") if cut is not None else (text, finish)
+    return completion if text == completion.text else replace(completion, text=text, finish_reason=finish)
 
 
 # ----------------------------------------------------------------------------- self-reflection

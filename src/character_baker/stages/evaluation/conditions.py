@@ -254,7 +254,12 @@ class ConditionBuilder:
         for name, reason in (("distilled", "no adapters/distill"), ("trained", "no model/ nor adapters/persona")):
             if not any(c is not None and c.name == name for c in optional):
                 skipped[name] = reason
-        conditions += [c for c in optional if c is not None]
+        wanted = set(self.ctx.recipe.eval.conditions)
+        for condition in optional:
+            if condition is not None and condition.name not in wanted:
+                skipped[condition.name] = "not in eval.conditions"
+        conditions = [c for c in conditions if c.name in wanted | {"base"}]
+        conditions += [c for c in optional if c is not None and c.name in wanted]
         conditions += [self._with_adapter(name, "adapter", check_adapter_folder(path, "--adapter"))
                        for name, path in extra_adapters.items()]
         conditions += [Condition(name, "model", self._backend(ref), model_ref=ref)

@@ -14,7 +14,8 @@ stage saw (`core.heldout`) and on the shipped calibration items (never the evalu
 
 The rule: the strongest (largest) scale whose looping is at most the base's +
 `calibrate.max_looping_increase` and whose MC accuracy is at least the base's -
-`calibrate.max_capability_drop`. When no scale passes, the smallest swept scale is kept and
+`calibrate.max_capability_drop`, each judged paired (same prompts and items at every scale) with
+one standard error of slack (`paired_slack`). When no scale passes, the smallest swept scale is kept and
 the summary says `within_tolerance: false`. The chosen setting is written as the run's persona
 (adapters/persona/ and model/, through the merge's own code, at weights x scale), the table goes
 to logs/calibration.json and the manifest, and the report draws it as a persona-vs-capability curve.
@@ -22,6 +23,7 @@ to logs/calibration.json and the manifest, and the report draws it as a persona-
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -52,12 +54,13 @@ class PersonaAndLooping:
         rows = persona.backend.generate([[{"role": "user", "content": p}] for p in self.prompts], self.sampling,
                                         adapter=persona.adapter)
         answers = [row[0].text for row in rows]
-        looping = sum(map(is_looping, answers)) / max(len(answers), 1)
+        flags = [is_looping(answer) for answer in answers]
+        looping = {"looping": sum(flags) / max(len(flags), 1), "looping_flags": flags}
         if self.scorer is None:
-            return {"persona": None, "in_character": None, "looping": looping}
+            return {"persona": None, "in_character": None, **looping}
         scores = self.scorer.score(answers)
         return {"persona": sum(scores) / max(len(scores), 1),
-                "in_character": sum(s > 0.5 for s in scores) / max(len(scores), 1), "looping": looping}
+                "in_character": sum(s > 0.5 for s in scores) / max(len(scores), 1), **looping}
 
 
 @dataclass
@@ -74,23 +77,39 @@ class Capability:
 
         results = score_multiple_choice(persona.model, persona.tokenizer, self.items, adapter=persona.adapter,
                                         batch_size=self.batch_size)
-        return {"mc_accuracy": sum(r.predicted == r.answer for r in results) / max(len(results), 1)}
+        correct = [r.predicted == r.answer for r in results]
+        return {"mc_accuracy": sum(correct) / max(len(correct), 1), "mc_correct": correct}
+
+
+def paired_slack(base: Sequence[bool] | None, other: Sequence[bool] | None) -> float:
+    """One standard error of a paired difference of two rates on the same items: sqrt(discordant) / n (0 without flags)."""
+    if not base or not other or len(base) != len(other):
+        return 0.0
+    return math.sqrt(sum(a != b for a, b in zip(base, other))) / len(base)
 
 
 def choose_scale(rows: Sequence[dict[str, Any]], cfg: CalibrateConfig) -> dict[str, Any]:
-    """The largest scale within tolerance of the base row (scale 0); else the smallest, marked as such."""
+    """The largest scale within tolerance of the base row (scale 0); else the smallest, marked as such.
+
+    Both rates are measured on the same prompts and items at every scale, so a change is judged
+    paired: a scale passes while its looping increase (MC drop) exceeds the tolerance by no more
+    than one standard error of the paired difference. With a few dozen items one flipped answer
+    is several points; this keeps the noise of a small calibration set from deciding alone."""
     base = next(row for row in rows if row["scale"] == 0)
-    looping_limit = base["looping"] + cfg.max_looping_increase
-    capability_limit = base["mc_accuracy"] - cfg.max_capability_drop
     swept = [row for row in rows if row["scale"] > 0]
     for row in swept:
-        row["within_tolerance"] = row["looping"] <= looping_limit + 1e-9 and row["mc_accuracy"] >= capability_limit - 1e-9
+        looping_slack = paired_slack(base.get("looping_flags"), row.get("looping_flags"))
+        mc_slack = paired_slack(base.get("mc_correct"), row.get("mc_correct"))
+        row["within_tolerance"] = (row["looping"] - base["looping"] <= cfg.max_looping_increase + looping_slack + 1e-9
+                                   and base["mc_accuracy"] - row["mc_accuracy"] <= cfg.max_capability_drop + mc_slack + 1e-9)
     passing = [row for row in swept if row["within_tolerance"]]
+    looping_limit = base["looping"] + cfg.max_looping_increase
+    capability_limit = base["mc_accuracy"] - cfg.max_capability_drop
     chosen = max(passing, key=lambda row: row["scale"]) if passing else min(swept, key=lambda row: row["scale"])
     return {"scale": chosen["scale"], "within_tolerance": bool(passing), "looping_limit": round(looping_limit, 4),
             "capability_limit": round(capability_limit, 4),
             "rule": f"largest scale with looping <= base + {cfg.max_looping_increase} and MC accuracy >= base - "
-                    f"{cfg.max_capability_drop}"}
+                    f"{cfg.max_capability_drop}, each up to one paired standard error"}
 
 
 def measure_scales(ctx: StageContext) -> dict[str, Any]:
@@ -120,7 +139,8 @@ def run(ctx: StageContext) -> StageResult:
     artifacts, merged = write_persona(ctx, weights)
     atomic_write_json(ctx.run.path(CALIBRATION_FILE), table)
     rows = {f"{row['scale']:g}": {key: (round(value, 4) if isinstance(value, float) else value)
-                                  for key, value in row.items() if key != "scale"} for row in table["rows"]}
+                                  for key, value in row.items() if key in table["columns"] + ["within_tolerance"]
+                                  and key != "scale"} for row in table["rows"]}
     summary = {"chosen_scale": choice["scale"], "within_tolerance": choice["within_tolerance"], "rule": choice["rule"],
                "weights": merged["weights"], "scales": rows}
     return StageResult("calibrate", artifacts=[*artifacts, CALIBRATION_FILE], summary=summary)

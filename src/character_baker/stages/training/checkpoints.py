@@ -76,7 +76,8 @@ def trainable_state(scorer: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
 def save_adapter(peft_model: Any, model_state: dict[str, torch.Tensor], folder: Path, prefix: str = "model.") -> None:
     """Write a standard PEFT adapter folder from a trainable-state dict keyed relative to the scorer."""
     state = {key[len(prefix):]: value for key, value in model_state.items() if key.startswith(prefix)}
-    peft_model.save_pretrained(str(folder), state_dict=state)
+    # save_embedding_layers="auto" looks the base model up on the Hub (a network call, and a warning offline).
+    peft_model.save_pretrained(str(folder), state_dict=state, save_embedding_layers=False)
     canonical_adapter_config(folder)
 
 

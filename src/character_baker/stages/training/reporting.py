@@ -43,9 +43,12 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+MONITOR_KEYS = ("monitor_persona", "monitor_looping")
+
+
 def _format(record: dict[str, Any], total_steps: int) -> str:
     parts = [f"step {record['step']}/{total_steps}"]
-    parts += [f"{key} {record[key]:.4g}" for key in HEADLINE if key in record]
+    parts += [f"{key} {record[key]:.4g}" for key in HEADLINE + MONITOR_KEYS if isinstance(record.get(key), (int, float))]
     return "  ".join(parts)
 
 
