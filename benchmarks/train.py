@@ -41,6 +41,14 @@ Conventions (each number in the table means exactly this):
   resident memory of the process. "left allocated" in the notes is what a trainer left on the
   GPU after its model was deleted (should be ~0).
 
+Several processes (`--nproc N`, `--launcher torchrun|accelerate`): the script re-runs itself
+under the launcher, one process per GPU (cuda:LOCAL_RANK), DDP, or FSDP2 through accelerate's
+environment variables (ACCELERATE_USE_FSDP=true FSDP_VERSION=2 ...). `--pairs-per-step` stays the
+global batch (each process trains 1/N of it; `--micro-batch-size` is per process, default
+pairs-per-step / N), so one and N processes are compared at the same global batch. The tokens/s
+columns are then aggregate (all processes' tokens per step over rank 0's step time), MFU is over N
+times the measured peak, peak memory is rank 0's, and TRL is not run. Rank 0 alone prints and appends.
+
 The table is printed and appended (never rewritten) to `--results` (benchmarks/RESULTS.md).
 """
 
@@ -190,7 +198,7 @@ def run_ours(args: argparse.Namespace, model: Any, tokenizer: Any, records: list
     from character_baker.core.runs import RunDir
     from character_baker.stages.training.dpo import train_dpo
 
-    cfg = DistillConfig(batch_size=args.pairs_per_step, micro_batch_size=args.micro_batch_size or args.pairs_per_step,
+    cfg = DistillConfig(batch_size=args.pairs_per_step, micro_batch_size=micro_batch_size(args),
                         max_length=args.seq_len, gradient_checkpointing=args.checkpointing, save_steps=10**6,
                         lora={"r": args.lora_r, "alpha": 2 * args.lora_r}, logprob_chunk_size=args.chunk_size,
                         torch_compile=args.compile, share_prompt=not args.no_share_prompt, pack_pairs=args.pack_pairs,
@@ -251,7 +259,7 @@ def run_trl(args: argparse.Namespace, model: Any, tokenizer: Any, records: list[
 
     data = Dataset.from_list([{"prompt": r["messages"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
                                "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in records])
-    micro = args.micro_batch_size or args.pairs_per_step
+    micro = micro_batch_size(args)
     timer, reference = StepTimer(), ReferenceTimer()
     flags = trl_flags(args)
     with tempfile.TemporaryDirectory() as scratch, reference.around(DPOTrainer), accelerate_environment_kept():
@@ -410,7 +418,12 @@ def reference_batch_size(args: argparse.Namespace) -> int:
     """Pairs per forward of the reference pass: our trainer's choice, given to TRL as well."""
     from character_baker.stages.training.dpo import reference_pairs_per_batch
 
-    return reference_pairs_per_batch(args.micro_batch_size or args.pairs_per_step)
+    return reference_pairs_per_batch(micro_batch_size(args))
+
+
+def micro_batch_size(args: argparse.Namespace) -> int:
+    """Pairs per forward in each process: `--micro-batch-size`, else this process's share of the global batch."""
+    return args.micro_batch_size or args.pairs_per_step // world_size()
 
 
 def _host_peak_gb() -> float:
@@ -430,13 +443,37 @@ def _free(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def world_size() -> int:
+    """Processes training together (1 unless started by a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Rank 0 (the one that prints and appends), or the only process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def processes_note() -> str:
+    """`, 2 processes (DDP)` for a multi-process run, else nothing (after training: accelerate's state is set)."""
+    if world_size() == 1:
+        return ""
+    from accelerate.state import AcceleratorState
+
+    from character_baker.stages.training.trainer import distribution_name
+
+    return f", {world_size()} processes ({distribution_name(AcceleratorState())}, same global batch)"
+
+
 def machine_description(device: torch.device) -> str:
-    """GPU name (or CPU model) and core count."""
+    """GPU name (or CPU model) and core count; `N x` the GPU when N processes use one GPU each."""
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} ({torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB)"
+        count = f"{world_size()} x " if world_size() > 1 else ""
+        return (f"{count}{torch.cuda.get_device_name(device)} "
+                f"({torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB)")
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return f"CPU {cpu}, {torch.get_num_threads()} threads"
+    processes = f", {world_size()} processes" if world_size() > 1 else ""
+    return f"CPU {cpu}, {torch.get_num_threads()} threads{processes}"
 
 
 def versions() -> str:
@@ -458,19 +495,21 @@ def markdown(args: argparse.Namespace, device: torch.device, peak_tflops: float,
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"\n## LoRA DPO training: {args.config}, {args.pairs_per_step} pairs x {args.seq_len} tokens per step, "
              f"LoRA r{args.lora_r}, gradient checkpointing {'on' if args.checkpointing else 'off'}"
-             f"{', ' + ', '.join(our_options(args)) if our_options(args) else ''}\n",
+             f"{', ' + ', '.join(our_options(args)) if our_options(args) else ''}{processes_note()}\n",
              f"- machine: {machine_description(device)}; measured matmul peak {peak_tflops:.3g} TFLOP/s "
              f"({'bf16' if device.type == 'cuda' else 'float32'})",
              f"- date: {when}; versions: {versions()}",
-             f"- command: `{' '.join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}`",
+             f"- command: `{' '.join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}`"
+             f"{f' in {world_size()} processes (--nproc {world_size()})' if world_size() > 1 else ''}",
              f"- model FLOPs/token (6N + 12LHQT): {per_token / 1e9:.3g} GFLOP; timed steps: {args.steps} "
+             f"{'' if world_size() == 1 else f'(tokens/s: all processes; MFU over {world_size()} x the peak; memory: rank 0) '}"
              f"after {args.warmup_steps} warm-up"
              + (f"; responses shortened by up to {args.length_spread:.0%}" if args.length_spread else "")
              + (f"\n- note: {args.note}" if args.note else "") + "\n",
              "| trainer | policy tokens/s | computed tokens/s | MFU | step (s) | peak memory (GiB) | reference pass tokens/s | flags |",
              "|---|---|---|---|---|---|---|---|"]
     for name, row in results.items():
-        mfu = row["computed_tokens_per_s"] * per_token / (peak_tflops * 1e12)
+        mfu = row["computed_tokens_per_s"] * per_token / (peak_tflops * world_size() * 1e12)
         lines.append(f"| {name} | {row['tokens_per_s']:,.0f} | {row['computed_tokens_per_s']:,.0f} | {mfu:.1%} | "
                      f"{row['step_seconds']:.3f} | {row['peak_memory_gb']:.2f} | {_rate(row['reference_tokens_per_s'])} | "
                      f"{row['flags']} |")
@@ -500,13 +539,14 @@ def print_table(args: argparse.Namespace, peak_tflops: float, per_token: float, 
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"LoRA DPO {args.config}: {args.pairs_per_step} x {args.seq_len}-token pairs per step")
+    table = Table(title=f"LoRA DPO {args.config}: {args.pairs_per_step} x {args.seq_len}-token pairs per step"
+                        f"{processes_note()}")
     table.add_column("trainer", no_wrap=True)
     for column in ("policy tokens/s", "computed tokens/s", "MFU", "step (s)", "peak GiB", "reference tokens/s"):
         table.add_column(column, justify="right")
     table.add_column("flags")
     for name, row in results.items():
-        mfu = row["computed_tokens_per_s"] * per_token / (peak_tflops * 1e12)
+        mfu = row["computed_tokens_per_s"] * per_token / (peak_tflops * world_size() * 1e12)
         table.add_row(name, f"{row['tokens_per_s']:,.0f}", f"{row['computed_tokens_per_s']:,.0f}", f"{mfu:.1%}",
                       f"{row['step_seconds']:.3f}", f"{row['peak_memory_gb']:.2f}", _rate(row["reference_tokens_per_s"]),
                       row["flags"])
@@ -519,7 +559,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", default="tiny", help="llama3.1-8b, smollm2-135m or tiny")
     parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (prompt + response)")
     parser.add_argument("--pairs-per-step", type=int, default=4, help="preference pairs per optimiser step")
-    parser.add_argument("--micro-batch-size", type=int, default=None, help="pairs per forward (default: all)")
+    parser.add_argument("--micro-batch-size", type=int, default=None,
+                        help="pairs per forward in each process (default: pairs-per-step / processes)")
     parser.add_argument("--gradient-checkpointing", nargs="?", const="on", default="off", choices=("on", "off", "both"),
                         help="on (the bare flag), off, or both: the whole comparison with it on, then off")
     parser.add_argument("--trl-flags", default="best", choices=("best", "default"),
@@ -545,6 +586,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--note", default="", help="a remark added to the results section")
     parser.add_argument("--no-trl", action="store_true", help="skip TRL even when installed")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of one of our steps")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="processes (one per GPU) training one global batch of --pairs-per-step; ours only")
+    parser.add_argument("--launcher", default="torchrun", choices=("torchrun", "accelerate"),
+                        help="what starts the --nproc processes (accelerate: FSDP2 through its environment variables)")
     parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")), help="markdown file to append to")
     return parser.parse_args(argv)
 
@@ -553,11 +598,18 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the table, append it to the results file."""
     import importlib.util
 
+    from character_baker.stages.training.launch import relaunch
+
     args = parse_args(argv)
+    if args.pairs_per_step % args.nproc:
+        raise SystemExit(f"--pairs-per-step {args.pairs_per_step} must be a multiple of --nproc {args.nproc}")
+    launched = relaunch(sys.argv[1:] if argv is None else argv, launcher=args.launcher if args.nproc > 1 else None,
+                        nproc=args.nproc, program=[sys.argv[0] if argv is None else str(Path(__file__))])
+    if launched is not None:  # the launched processes did the work
+        return launched
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = process_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak_tflops = matmul_tflops(device, dtype)
     config = model_config(args.config)
@@ -569,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--offload-impl library --offload-optimizer runs torchao's CPUOffloadOptimizer: "
                          "it needs a CUDA GPU and `pip install torchao`")
     trainers = [("character-baker", run_ours)]
-    if not args.no_trl and importlib.util.find_spec("trl") is not None:
+    if not args.no_trl and world_size() == 1 and importlib.util.find_spec("trl") is not None:
         import trl
 
         trainers.append((f"TRL {trl.__version__} DPOTrainer", run_trl))
@@ -577,6 +629,14 @@ def main(argv: list[str] | None = None) -> int:
         args.checkpointing = checkpointing
         compare(args, device, dtype, peak_tflops, config, tokenizer, records, trainers)
     return 0
+
+
+def process_device(requested: str) -> torch.device:
+    """The device this process trains on: `--device`, with each launched process on its own GPU."""
+    kind = ("cuda" if torch.cuda.is_available() else "cpu") if requested == "auto" else requested
+    if kind == "cuda" and world_size() > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(kind)
 
 
 def compare(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, peak_tflops: float, config: Any,
@@ -596,6 +656,8 @@ def compare(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, 
         leftovers.append(f"{name} {_allocated_gb(device) - before:.2f} GiB")
     if device.type == "cuda":
         args.note = "; ".join(filter(None, [args.note, "left allocated after each trainer: " + ", ".join(leftovers)]))
+    if not is_main_process():
+        return
     print_table(args, peak_tflops, per_token, results)
     section = markdown(args, device, peak_tflops, per_token, results)
     with open(args.results, "a", encoding="utf-8") as handle:

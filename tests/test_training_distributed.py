@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -52,10 +53,11 @@ def test_every_process_count_sees_the_same_global_batches():
 
 def test_launch_commands_and_no_recursion(monkeypatch):
     torchrun = launch_command(["train", "x.yaml"], launcher="torchrun", nproc=2)
-    assert torchrun[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    guard = ["-m", "character_baker.stages.training.launch"]  # the launcher ends with the command that started it
+    assert torchrun[1:] == [*guard, "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                             "-m", "character_baker", "train", "x.yaml"]
     accelerate = launch_command(["train"], launcher="accelerate", nproc=4)
-    assert accelerate[1:5] == ["-m", "accelerate.commands.launch", "--num_processes", "4"]
+    assert accelerate[1:6] == [*guard, "accelerate.commands.launch", "--num_processes", "4"]
     assert "--multi_gpu" in accelerate and accelerate[-3:] == ["-m", "character_baker", "train"]
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert relaunch(["train"], launcher="torchrun", nproc=2) is None  # already launched: do the work here
@@ -98,3 +100,41 @@ def test_fsdp_trains_without_autocast_and_keeps_it_otherwise(monkeypatch):
     assert _mixed_precision(bf16) == "bf16" and _mixed_precision(nn.Linear(2, 2)) == "no"
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert _mixed_precision(bf16) == "no"
+
+
+def test_a_checkpoint_killed_while_being_deleted_is_not_resumed(tmp_path, monkeypatch):
+    """Old checkpoints lose their marker before their files: a kill mid-delete leaves nothing that looks complete."""
+    import shutil
+
+    from character_baker.stages.training import checkpoints
+
+    folder = tmp_path / "checkpoint-4"
+    folder.mkdir()
+    (folder / checkpoints.STATE_FILE).write_bytes(b"state")
+    (folder / checkpoints.MARKER).write_text('{"fingerprint": "f", "step": 4}')
+    assert checkpoints.complete_checkpoints(tmp_path, "f") == [(4, folder)]
+
+    def killed(path, ignore_errors=False):
+        (Path(path) / checkpoints.STATE_FILE).unlink()  # one file gone, then the kill
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.remove_checkpoint(folder)
+    assert folder.is_dir() and checkpoints.complete_checkpoints(tmp_path, "f") == []
+
+
+@pytest.mark.slow
+def test_the_training_benchmark_runs_in_two_processes_at_the_same_global_batch(tmp_path):
+    """`benchmarks/train.py --nproc 2` re-runs itself under torchrun; rank 0 alone appends one two-process section."""
+    results = tmp_path / "RESULTS.md"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src")])}
+    done = subprocess.run([sys.executable, "benchmarks/train.py", "--config", "tiny", "--device", "cpu", "--threads", "1",
+                           "--seq-len", "64", "--pairs-per-step", "4", "--steps", "2", "--warmup-steps", "1",
+                           "--no-trl", "--nproc", "2", "--results", str(results)],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    section = results.read_text()
+    assert section.count("## LoRA DPO training") == 1 and "2 processes (DDP, same global batch)" in section
+    assert "x 2 process(es) (DDP)" in done.stdout and "--nproc 2" in section

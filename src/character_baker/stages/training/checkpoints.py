@@ -49,20 +49,23 @@ def complete_checkpoints(stage_dir: Path, fingerprint: str) -> list[tuple[int, P
     return sorted(found)
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's random generators (python, torch CPU, and CUDA when present)."""
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random generators: python, torch CPU, and its own GPU's when it trains on one."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore generators saved by `rng_state`."""
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore generators saved by `rng_state` (the GPU's onto `device`, whatever its index was)."""
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # older checkpoints: every visible GPU's state, whichever this rank used
+        cuda = cuda[device.index or 0] if device.type == "cuda" and (device.index or 0) < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def trainable_state(scorer: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -89,18 +92,26 @@ def save_checkpoint(stage_dir: Path, step: int, *, peft_model: Any, model_state:
     torch.save({"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                 "rng": rng_states, "step": step}, temporary / STATE_FILE)
     atomic_write_json(temporary / MARKER, {**marker, "step": step})
-    shutil.rmtree(final, ignore_errors=True)
+    remove_checkpoint(final)
     os.replace(temporary, final)
     for _, old in complete_checkpoints(stage_dir, marker["fingerprint"])[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_checkpoint(old)
     return final
 
 
-def load_checkpoint(folder: Path, *, scorer: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    rank: int, world_size: int, offloaded: Any = None) -> int:
-    """Restore weights, optimizer, scheduler and (same world size only) RNG; return the step.
+def remove_checkpoint(folder: Path) -> None:
+    """Delete a checkpoint folder, its marker first: a kill midway leaves a folder that resume ignores."""
+    (folder / MARKER).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
 
-    `offloaded` (an `OffloadedAdamW`) restores its CPU masters and optimizer instead of the scorer's.
+
+def load_checkpoint(folder: Path, *, scorer: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    rank: int, world_size: int, device: torch.device, offloaded: Any = None) -> int:
+    """Restore weights, optimizer, scheduler and (same world size only) this rank's RNG; return the step.
+
+    Every rank reads the same full state and takes its part (DDP: all of it; FSDP: its shards), so a
+    checkpoint also resumes under another process count. `offloaded` (an `OffloadedAdamW`) restores
+    its CPU masters and optimizer instead of the scorer's.
     """
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
     if offloaded is not None:
@@ -110,7 +121,7 @@ def load_checkpoint(folder: Path, *, scorer: nn.Module, optimizer: torch.optim.O
         set_optimizer_state_dict(scorer, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
     if len(state["rng"]) == world_size:
-        set_rng_state(state["rng"][rank])
+        set_rng_state(state["rng"][rank], device)
     return int(state["step"])
 
 

@@ -97,6 +97,14 @@ def _unwrap(model: nn.Module) -> ResponseScorer:
     return extract_model_from_parallel(model)
 
 
+def _grad_free(model: nn.Module) -> Any:
+    """Inference mode, or no_grad for an FSDP2 model: its unsharded parameters, allocated at the first
+    all-gather, would be inference tensors that the training forwards then may not write into."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return torch.no_grad() if isinstance(model, FSDPModule) else torch.inference_mode()
+
+
 def score_pairs(model: nn.Module, pairs: Sequence[TokenizedPair], pad_token_id: int, batch_size: int,
                 adapter: bool = True, share_prompt: bool = False,
                 pack: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -108,7 +116,7 @@ def score_pairs(model: nn.Module, pairs: Sequence[TokenizedPair], pad_token_id: 
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start:start + batch_size]
             batch = collate_pairs(chunk, pad_token_id, share_prompt, pack).to(next(model.parameters()).device)
-            with torch.inference_mode(), (nullcontext() if adapter else scorer.adapter_disabled()):
+            with _grad_free(model), (nullcontext() if adapter else scorer.adapter_disabled()):
                 token_logps, counts = score_batch(model, batch)
             # Cloned outside inference mode: ordinary tensors, which the training loss may use.
             rows = token_logps.float().cpu().clone().split(counts.tolist())

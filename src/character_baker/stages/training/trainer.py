@@ -151,6 +151,20 @@ def _train_on_cpu(model: nn.Module, world_size: int) -> bool:
     return not torch.cuda.is_available() or (on_cpu and world_size == 1)
 
 
+def fsdp_requested() -> bool:
+    """True when accelerate's environment asks for FSDP (ACCELERATE_USE_FSDP)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
+
+
+def distribution_name(accelerator: Any) -> str:
+    """How the processes share the model: 'FSDP2', 'FSDP', 'DDP', or 'one process'."""
+    if accelerator.num_processes == 1:
+        return "one process"
+    if accelerator.distributed_type == "FSDP":
+        return "FSDP2" if accelerator.is_fsdp2 else "FSDP"
+    return "DDP"
+
+
 def _mixed_precision(model: nn.Module) -> str:
     """Autocast for half-precision weights (LoRA weights and optimizer state stay float32).
 
@@ -158,7 +172,7 @@ def _mixed_precision(model: nn.Module) -> str:
     precision would cast the float32 LoRA weights to bf16 and hand back bf16 gradients for float32
     shards; PEFT already casts each layer's input to its LoRA weights' dtype and back.
     """
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
+    if fsdp_requested():
         return "no"
     dtype = next(model.parameters()).dtype
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
@@ -238,7 +252,10 @@ class LoraTrainer:
             self.reporter.message(f"warning: {self.stage}: {self.batch_note}")
         self.reporter.message(f"{self.stage}: {len(self.examples)} examples, {self.total_steps} steps "
                               f"({self.start_step} done), {self.accumulation} accumulation step(s) x {world_size} "
-                              f"process(es) on {self.accelerator.device}{self.embedding_note}")
+                              f"process(es) ({distribution_name(self.accelerator)}) on {self.accelerator.device}{self.embedding_note}")
+        if fsdp_requested() and distribution_name(self.accelerator) == "DDP":  # accelerate shards on GPUs only
+            self.reporter.message(f"warning: {self.stage}: ACCELERATE_USE_FSDP is set, but accelerate applies FSDP on "
+                                  f"GPUs only: these {world_size} CPU processes train with DDP")
         self.prepared = self.objective.prepare(self.scorer, self.examples, self.run_dir)
         for extra in self.extra_losses:
             extra.attach(self.peft_model)
@@ -322,7 +339,8 @@ class LoraTrainer:
             return 0
         return checkpoints.load_checkpoint(found[-1][1], scorer=self.scorer, optimizer=self._inner_optimizer,
                                            scheduler=self.scheduler, rank=self.accelerator.process_index,
-                                           world_size=self.accelerator.num_processes, offloaded=self.offloaded)
+                                           world_size=self.accelerator.num_processes,
+                                           device=self.accelerator.device, offloaded=self.offloaded)
 
     @property
     def _inner_optimizer(self) -> torch.optim.Optimizer:
@@ -453,7 +471,8 @@ class LoraTrainer:
         from accelerate.utils import gather_object
 
         model_state, optimizer_state = self._trainable_state()
-        rng_states = gather_object([checkpoints.rng_state()]) if self.accelerator.num_processes > 1 else [checkpoints.rng_state()]
+        mine = [checkpoints.rng_state(self.accelerator.device)]
+        rng_states = gather_object(mine) if self.accelerator.num_processes > 1 else mine  # one per rank, in rank order
         return model_state, optimizer_state, rng_states
 
     def _save_checkpoint(self, step: int) -> None:
