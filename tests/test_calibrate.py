@@ -21,10 +21,13 @@ def test_the_largest_scale_within_both_tolerances_is_chosen():
 
 def test_a_capability_cliff_stops_the_choice_below_it():
     rows = _rows((0.0, 0.0, 0.60), (0.5, 0.0, 0.60), (0.55, 0.0, 0.50), (1.0, 0.0, 0.59))
-    # 1.0 is within tolerance again: the rule keeps the largest passing scale, as documented.
-    assert choose_scale(rows, CalibrateConfig())["scale"] == 1.0
-    rows = _rows((0.0, 0.0, 0.60), (0.5, 0.0, 0.60), (0.55, 0.0, 0.50), (1.0, 0.0, 0.40))
-    assert choose_scale(rows, CalibrateConfig())["scale"] == 0.5
+    # 1.0 is within tolerance again past the cliff at 0.55: that is noise, the walk stops at 0.5.
+    choice = choose_scale(rows, CalibrateConfig())
+    assert choice["scale"] == 0.5 and choice["within_tolerance"]
+    assert [row.get("within_tolerance") for row in rows] == [None, True, False, True]
+    # the rows may come in any order
+    assert choose_scale(list(reversed(_rows((0.0, 0.0, 0.60), (0.5, 0.0, 0.60), (0.55, 0.0, 0.50),
+                                            (1.0, 0.0, 0.59)))), CalibrateConfig())["scale"] == 0.5
 
 
 def test_when_nothing_passes_the_smallest_scale_is_kept_and_flagged():
@@ -56,13 +59,21 @@ def test_calibrate_writes_the_chosen_scale_as_the_persona(cli, tmp_path, tiny_mo
     assert manifest["stages"]["calibrate"]["summary"]["chosen_scale"] == 2.0
 
 
-def test_small_sets_are_judged_paired_with_one_standard_error_of_slack():
-    base = {"scale": 0.0, "looping": 0.0, "mc_accuracy": 16 / 24, "looping_flags": [False] * 8,
-            "mc_correct": [True] * 16 + [False] * 8}
-    one_flip = {"scale": 1.0, "looping": 0.0, "mc_accuracy": 15 / 24, "looping_flags": [False] * 8,
-                "mc_correct": [False] + [True] * 15 + [False] * 8}
-    # One item of 24 flipped: a 4.2-point drop, over the 3-point tolerance but within one paired SE (1/24).
-    assert choose_scale([base, dict(one_flip)], CalibrateConfig())["scale"] == 1.0
-    four_flips = {**one_flip, "mc_accuracy": 12 / 24, "mc_correct": [False] * 4 + [True] * 12 + [False] * 8}
-    choice = choose_scale([base, four_flips, {**base, "scale": 0.5}], CalibrateConfig())
-    assert choice["scale"] == 0.5  # 16.7 points down with SE 2/24: too far
+def test_looping_is_judged_paired_with_one_standard_error_of_slack_and_mc_by_its_point_estimate():
+    base = {"scale": 0.0, "looping": 0.0, "mc_accuracy": 0.7, "looping_flags": [False] * 24,
+            "mc_correct": [True] * 112 + [False] * 48}
+    one_loop = {"scale": 1.0, "looping": 1 / 24, "mc_accuracy": 0.7, "looping_flags": [True] + [False] * 23,
+                "mc_correct": base["mc_correct"]}
+    # One answer of 24 loops: 4.2 points over the base, past a 3-point tolerance but within one paired SE.
+    assert choose_scale([base, one_loop], CalibrateConfig(max_looping_increase=0.03))["scale"] == 1.0
+    three_loops = {**one_loop, "looping": 3 / 24, "looping_flags": [True] * 3 + [False] * 21}
+    choice = choose_scale([base, three_loops, {**base, "scale": 0.5}], CalibrateConfig(max_looping_increase=0.03))
+    assert choice["scale"] == 0.5  # 12.5 points with SE sqrt(3)/24 = 7.2: too far
+    # The GPU case (SmolLM2, 160 items): 0.70 -> 0.64375 is a 5.6-point drop. With 9
+    # discordant items one paired SE (here sqrt(9)/160 = 1.9 points) would have let a drop
+    # near the limit through; the point estimate does not.
+    flips = [False] * 9 + [True] * 103 + [False] * 48
+    drop = {"scale": 1.25, "looping": 0.0, "mc_accuracy": 103 / 160, "looping_flags": [False] * 24,
+            "mc_correct": flips}
+    ok = {**drop, "scale": 0.75, "mc_accuracy": 109 / 160}
+    assert choose_scale([base, ok, drop], CalibrateConfig())["scale"] == 0.75

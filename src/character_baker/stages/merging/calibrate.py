@@ -12,10 +12,10 @@ stage saw (`core.heldout`) and on the shipped calibration items (never the evalu
 | mc_accuracy | multiple-choice log-likelihood accuracy on `assets.calibration_items()` |
 | kl_to_base, top1_agreement | on greedy answers, as in the merge-scale sweep |
 
-The rule: the strongest (largest) scale whose looping is at most the base's +
-`calibrate.max_looping_increase` and whose MC accuracy is at least the base's -
-`calibrate.max_capability_drop`, each judged paired (same prompts and items at every scale) with
-one standard error of slack (`paired_slack`). When no scale passes, the smallest swept scale is kept and
+The rule (`choose_scale`): walking the scales upwards, the largest one up to which every scale
+keeps looping at most the base's + `calibrate.max_looping_increase` (judged paired, with one
+standard error of slack: `paired_slack`) and MC accuracy at least the base's -
+`calibrate.max_capability_drop` (point estimate). When the smallest swept scale already fails, it is kept and
 the summary says `within_tolerance: false`. The chosen setting is written as the run's persona
 (adapters/persona/ and model/, through the merge's own code, at weights x scale), the table goes
 to logs/calibration.json and the manifest, and the report draws it as a persona-vs-capability curve.
@@ -89,27 +89,34 @@ def paired_slack(base: Sequence[bool] | None, other: Sequence[bool] | None) -> f
 
 
 def choose_scale(rows: Sequence[dict[str, Any]], cfg: CalibrateConfig) -> dict[str, Any]:
-    """The largest scale within tolerance of the base row (scale 0); else the smallest, marked as such.
+    """The largest scale up to which every swept scale is within tolerance of the base row (scale 0).
 
-    Both rates are measured on the same prompts and items at every scale, so a change is judged
-    paired: a scale passes while its looping increase (MC drop) exceeds the tolerance by no more
-    than one standard error of the paired difference. With a few dozen items one flipped answer
-    is several points; this keeps the noise of a small calibration set from deciding alone."""
+    Scales are walked upwards and the walk stops at the first one out of tolerance: a larger scale
+    that passes again past a failure passed by noise (the persona only grows with the scale). MC
+    accuracy is judged by its point estimate (a drop of at most `max_capability_drop`): measured
+    on SmolLM2 (one H200, 2026-12-02), one paired standard error of slack on 160 calibration items
+    let scale 1.25 through at -5.6 points, and the eval set then showed -10. Looping is measured on
+    a few dozen answers, where one looping answer is several points, so it is judged paired, up to
+    one standard error of the paired difference. When the first scale already fails, it is kept
+    and marked as out of tolerance."""
     base = next(row for row in rows if row["scale"] == 0)
-    swept = [row for row in rows if row["scale"] > 0]
+    swept = sorted((row for row in rows if row["scale"] > 0), key=lambda row: row["scale"])
     for row in swept:
         looping_slack = paired_slack(base.get("looping_flags"), row.get("looping_flags"))
-        mc_slack = paired_slack(base.get("mc_correct"), row.get("mc_correct"))
         row["within_tolerance"] = (row["looping"] - base["looping"] <= cfg.max_looping_increase + looping_slack + 1e-9
-                                   and base["mc_accuracy"] - row["mc_accuracy"] <= cfg.max_capability_drop + mc_slack + 1e-9)
-    passing = [row for row in swept if row["within_tolerance"]]
+                                   and base["mc_accuracy"] - row["mc_accuracy"] <= cfg.max_capability_drop + 1e-9)
+    passing: list[dict[str, Any]] = []
+    for row in swept:
+        if not row["within_tolerance"]:
+            break
+        passing.append(row)
     looping_limit = base["looping"] + cfg.max_looping_increase
     capability_limit = base["mc_accuracy"] - cfg.max_capability_drop
-    chosen = max(passing, key=lambda row: row["scale"]) if passing else min(swept, key=lambda row: row["scale"])
+    chosen = passing[-1] if passing else swept[0]
     return {"scale": chosen["scale"], "within_tolerance": bool(passing), "looping_limit": round(looping_limit, 4),
             "capability_limit": round(capability_limit, 4),
-            "rule": f"largest scale with looping <= base + {cfg.max_looping_increase} and MC accuracy >= base - "
-                    f"{cfg.max_capability_drop}, each up to one paired standard error"}
+            "rule": f"largest scale up to which every scale has looping <= base + {cfg.max_looping_increase} (up to "
+                    f"one paired standard error) and MC accuracy >= base - {cfg.max_capability_drop}"}
 
 
 def measure_scales(ctx: StageContext) -> dict[str, Any]:
