@@ -190,6 +190,7 @@ class SlotKVCache:
         self.values: list[torch.Tensor] = []
         self.prefill_slots: torch.Tensor | None = None
         self.write_positions: torch.Tensor | None = None
+        self.row_index: torch.Tensor | None = None
         self.span = 0
 
     def ensure_capacity(self, positions: int, limit: int | None = None) -> None:
@@ -229,6 +230,7 @@ class SlotKVCache:
     def begin_decode(self, write_positions: torch.Tensor, span: int) -> None:
         """The next forward writes one token for rows [0, len(write_positions)) at their positions."""
         self.prefill_slots, self.write_positions, self.span = None, write_positions, span
+        self.row_index = torch.arange(write_positions.shape[0], device=write_positions.device)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,9 +246,8 @@ class SlotKVCache:
             values[self.prefill_slots, :, :length] = value_states
             return key_states, value_states
         rows = self.write_positions.shape[0]
-        row_index = torch.arange(rows, device=key_states.device)
-        keys[row_index, :, self.write_positions] = key_states[:, :, 0]
-        values[row_index, :, self.write_positions] = value_states[:, :, 0]
+        keys[self.row_index, :, self.write_positions] = key_states[:, :, 0]
+        values[self.row_index, :, self.write_positions] = value_states[:, :, 0]
         return keys[:rows, :, :self.span], values[:rows, :, :self.span]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -587,9 +588,13 @@ class BatchEngine:
             if key[0] == "seeded":
                 row = rows[indices[0]]
                 picked = sample_tokens(selected, row.temperature, row.top_p, row.generator)
-            else:  # the sampler takes per-row temperature (<= 0: greedy) and top_p tensors
-                temperatures = torch.tensor([rows[i].temperature for i in indices], device=self.device)
-                top_ps = torch.tensor([rows[i].top_p for i in indices], device=self.device)
+            else:  # one setting for every row (greedy is then one argmax), else per-row tensors (<= 0: greedy)
+                settings = {(rows[i].temperature, rows[i].top_p) for i in indices}
+                if len(settings) == 1:
+                    temperatures, top_ps = settings.pop()
+                else:
+                    temperatures = torch.tensor([rows[i].temperature for i in indices], device=self.device)
+                    top_ps = torch.tensor([rows[i].top_p for i in indices], device=self.device)
                 picked = sample_tokens(selected, temperatures, top_ps, self._generator)
             chosen[where] = picked
         return chosen.tolist()
