@@ -338,3 +338,22 @@ def test_decode_graph_buckets():
     graphs = DecodeGraphs(48, enabled=True, capture=lambda forward, pool: None)
     assert [graphs.rows_for(n) for n in (1, 3, 17, 33, 48)] == [1, 4, 32, 48, 48]
     assert DecodeGraphs(48, enabled=False).rows_for(17) == 17
+
+
+def test_a_decode_graph_is_captured_once_its_key_repeats_and_recaptured_when_the_cache_changes():
+    from character_baker.backends.generation.engine_graphs import CAPTURE_AFTER, DecodeGraphs
+
+    captured, replayed = [], []
+
+    def capture(forward, pool):
+        captured.append(forward())
+        return (lambda: replayed.append(1)), torch.tensor([7.0])
+
+    graphs = DecodeGraphs(8, enabled=True, capture=capture)
+    eager = lambda: torch.tensor([1.0])  # noqa: E731
+    for key in [(1, None), (2, None), (4, None), (8, None)]:  # a ramp: a new key every step stays eager
+        assert graphs.run(key, 0, eager).item() == 1.0
+    outputs = [graphs.run((8, None), 0, eager).item() for _ in range(CAPTURE_AFTER + 2)]
+    assert captured and graphs.captures == 1 and outputs[-1] == 7.0 and outputs[0] == 1.0
+    assert graphs.run((8, None), 1, eager).item() == 7.0 and graphs.captures == 2  # new cache: recaptured
+    assert graphs.run((4, None), 1, eager).item() == 1.0  # another key starts its own streak

@@ -15,6 +15,11 @@ tensor the graph reads (the engine's step-input buffer), and nothing read on the
 holds pointers to the KV cache: when the cache is reallocated (more positions or more slots,
 `cache_version` changes) every graph is dropped and recaptured at its next use. A batch that mixes
 adapters runs eagerly (PEFT splits it by adapter on the host), as does any key whose capture failed.
+
+A capture costs about two eager steps, so a key is captured only once it has been asked for
+`CAPTURE_AFTER` steps in a row: while a burst of arrivals changes the row count every step, the
+steps run eagerly (as fast as they ran before graphs) instead of paying a capture per step, and
+the batch the burst settles into is captured once.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from typing import Any, Callable, Hashable
 import torch
 
 from character_baker.backends.generation.decoding import capture_cuda_graph
+
+CAPTURE_AFTER = 3  # consecutive steps with the same key before it is captured
 
 Capture = Callable[[Callable[[], torch.Tensor], Any], "tuple[Any, torch.Tensor] | None"]
 
@@ -57,6 +64,8 @@ class DecodeGraphs:
         self.captures = 0  # graphs captured so far (recaptures included)
         self._graphs: dict[Hashable, tuple[Callable[[], Any], torch.Tensor] | None] = {}
         self._version: Hashable = None
+        self._last_key: Hashable = None
+        self._streak = 0  # consecutive steps that asked for _last_key
         self._pool = torch.cuda.graph_pool_handle() if enabled and capture is None else None
 
     def rows_for(self, needed: int) -> int:
@@ -66,11 +75,15 @@ class DecodeGraphs:
         return next(size for size in self.sizes if size >= needed)
 
     def run(self, key: Hashable, cache_version: Hashable, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """The step's output: replay the graph of `key` (capturing it first when new), or `forward()` eagerly."""
+        """The step's output: replay the graph of `key` (captured once it is asked for CAPTURE_AFTER steps in a row), or `forward()` eagerly."""
         if cache_version != self._version:
             self._graphs.clear()
             self._version = cache_version
+        self._streak = self._streak + 1 if key == self._last_key else 1
+        self._last_key = key
         if key not in self._graphs:
+            if self._streak < CAPTURE_AFTER:
+                return forward()
             self._graphs[key] = self.capture(forward, self._pool)
             self.captures += 1
         entry = self._graphs[key]
