@@ -343,3 +343,55 @@ def test_incremental_decoding_matches_decoding_everything_at_once(tiny_tok):
     assert all("\ufffd" not in delta for delta in deltas)
     assert "".join(deltas) == tiny_tok.decode(ids, skip_special_tokens=True)
     assert decoder.stopped and decoder.token_count == len(ids) + 1
+
+
+def test_incremental_decoding_reads_a_few_ids_per_token_not_the_whole_answer(tiny_tok):
+    from character_baker.stages.serving.bridge import IncrementalDecoder
+
+    ids = tiny_tok("a long answer, word after word, " * 20, add_special_tokens=False)["input_ids"]
+    windows: list[int] = []
+
+    class Counting:
+        def decode(self, window, **options):
+            windows.append(len(window))
+            return tiny_tok.decode(window, **options)
+
+    decoder = IncrementalDecoder(Counting(), ())
+    text = "".join(decoder.push(token_id) for token_id in ids) + decoder.flush()
+    assert text == tiny_tok.decode(ids, skip_special_tokens=True) and len(ids) > 100
+    assert max(windows) <= 8  # decoding everything so far each time would read up to len(ids) ids
+
+
+def test_a_burst_of_256_requests_at_the_default_settings_is_all_answered(tiny_model_dir):
+    import asyncio
+
+    from character_baker.backends.generation.hf import HFBackend
+    from character_baker.core.config import SamplingConfig
+
+    questions = [f"Question {number}?" for number in range(8)]
+    with tiny_app(tiny_model_dir) as (bridge, app), app_in_thread(app) as url:  # defaults but max_tokens 8
+        loaded = next(iter(bridge.weights.values()))
+        greedy = SamplingConfig(temperature=0.0, max_new_tokens=8)
+        reference = HFBackend(loaded.model, loaded.tokenizer, batch_size=1, engine="generate")
+        expected = [row[0].text for row in reference.generate([[{"role": "user", "content": q}] for q in questions],
+                                                               greedy)]
+
+        async def ask(client, number: int) -> str:
+            request = dict(model="tiny", messages=[{"role": "user", "content": questions[number % 8]}],
+                           temperature=0, max_tokens=8)
+            if number % 2:
+                return (await client.chat.completions.create(**request)).choices[0].message.content
+            stream = await client.chat.completions.create(**request, stream=True)
+            return "".join([chunk.choices[0].delta.content or "" async for chunk in stream])
+
+        async def burst() -> list:
+            import openai as openai_module
+
+            async with openai_module.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                                                 timeout=300) as client:
+                return await asyncio.gather(*(ask(client, number) for number in range(256)), return_exceptions=True)
+
+        answers = asyncio.run(burst())
+        assert [answer for answer in answers if isinstance(answer, BaseException)] == []
+        assert answers == [expected[number % 8] for number in range(256)]
+        assert loaded.engine.max_batch >= 256 and bridge.health()["queue"] == {"running": 0, "waiting": 0}

@@ -256,3 +256,104 @@ def test_a_callback_that_raises_cancels_only_its_own_request(tiny_tok):
                                                       EngineRequest(prompts[1], max_new_tokens=6, on_token=healthy)])
     assert bad.finish_reason == "cancelled" and len(bad.token_ids) == 1
     assert good.token_ids == seen == generate_reference(model, prompts[1], 6)
+
+
+def test_a_request_arriving_mid_decode_gets_its_first_token_at_the_next_step(tiny_tok):
+    from character_baker.testing import tiny_model
+
+    model = tiny_model("llama", tiny_tok)
+    first_prompt, late_prompt = chat_prompts(tiny_tok, 2)
+    tokens: dict[str, list[int]] = {"first": [], "late": []}
+    engine = engine_for(model, tiny_tok, max_batch=4)
+    first = engine.submit(EngineRequest(first_prompt, max_new_tokens=20, on_token=tokens["first"].append))
+    for _ in range(3):
+        engine.step()
+    late = engine.submit(EngineRequest(late_prompt, max_new_tokens=5, on_token=tokens["late"].append))
+    assert len(tokens["first"]) == 4  # a step prefills what it admits and then decodes every running row
+    engine.step()  # the late request: prefilled (its first token), then decoded in the batch with the first
+    assert len(tokens["late"]) == 2 and len(tokens["first"]) == 5 and not first.done
+    engine.step()
+    assert len(tokens["late"]) == 3 and len(tokens["first"]) == 6
+    while not (first.done and late.done):
+        engine.step()
+    assert first.result.token_ids == generate_reference(model, first_prompt, 20)
+    assert late.result.token_ids == generate_reference(model, late_prompt, 5)
+
+
+def test_kv_cache_rows_are_allocated_as_requests_use_them(tiny_tok):
+    from character_baker.testing import tiny_model
+
+    model = tiny_model("llama", tiny_tok)
+    prompts = chat_prompts(tiny_tok, 40)
+    engine = engine_for(model, tiny_tok, max_batch=256)
+    one = engine.generate([EngineRequest(prompts[0], max_new_tokens=3)])
+    assert engine._cache.slots == 16 and engine._cache.keys[0].shape[0] == 16  # not 256 rows up front
+    many = engine.generate([EngineRequest(prompt, max_new_tokens=3) for prompt in prompts])  # 40 at once
+    assert engine._cache.slots == 64 and engine._cache.keys[0].shape[0] == 64
+    assert one[0].token_ids == many[0].token_ids
+    assert [result.token_ids for result in many] == [generate_reference(model, p, 3) for p in prompts]
+
+
+def recording_capture(engine: BatchEngine, replays: list):
+    """A CPU stand-in for CUDA graph capture: 'replays' re-run the captured closure into its first output,
+    and fail if the cache was reallocated since (a real graph would read freed memory)."""
+    def capture(forward, pool):
+        output, version = forward(), engine._cache.version
+
+        def replay():
+            assert engine._cache.version == version, "a graph outlived the cache it was captured on"
+            replays.append(output.shape[0])
+            output.copy_(forward())
+        return replay, output
+    return capture
+
+
+def test_decode_graphs_use_fixed_buckets_and_are_recaptured_when_the_cache_grows(tiny_tok):
+    from character_baker.backends.generation.engine_graphs import DecodeGraphs
+    from character_baker.testing import tiny_model
+
+    model = lora_model(tiny_tok)
+    prompts = chat_prompts(tiny_tok, 5)
+    plans = [(prompts[0], 280, "pirate"), (prompts[1], 6, "pirate"), (prompts[2], 9, "pirate"),
+             (prompts[3], 4, None), (prompts[4], 7, None)]
+    requests = [EngineRequest(p, max_new_tokens=n, adapter=a) for p, n, a in plans]
+    eager = engine_for(model, tiny_tok, max_batch=3).generate(requests)
+    engine = engine_for(model, tiny_tok, max_batch=3)
+    replays: list[int] = []
+    engine.graphs = DecodeGraphs(3, enabled=True, capture=recording_capture(engine, replays))
+    assert engine.graphs.sizes == [1, 2, 3] and engine.graphs.rows_for(3) == 3 and engine.graphs.rows_for(1) == 1
+    graphed = engine.generate(requests)
+    assert [result.token_ids for result in graphed] == [result.token_ids for result in eager]
+    solo = engine_for(model, tiny_tok, max_batch=1)
+    assert graphed[0].token_ids == solo.generate([requests[0]])[0].token_ids
+    assert engine._cache.capacity > 256 and engine.graphs.captures >= 3  # recaptured after the cache grew
+    assert set(replays) <= {1, 2, 3} and len(replays) > 250  # the uniform steps replayed (mixed ones run eagerly)
+
+
+def test_decode_graph_buckets():
+    from character_baker.backends.generation.engine_graphs import DecodeGraphs, bucket_sizes
+
+    assert bucket_sizes(256) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert bucket_sizes(48) == [1, 2, 4, 8, 16, 32, 48] and bucket_sizes(1) == [1]
+    graphs = DecodeGraphs(48, enabled=True, capture=lambda forward, pool: None)
+    assert [graphs.rows_for(n) for n in (1, 3, 17, 33, 48)] == [1, 4, 32, 48, 48]
+    assert DecodeGraphs(48, enabled=False).rows_for(17) == 17
+
+
+def test_a_decode_graph_is_captured_once_its_key_repeats_and_recaptured_when_the_cache_changes():
+    from character_baker.backends.generation.engine_graphs import CAPTURE_AFTER, DecodeGraphs
+
+    captured, replayed = [], []
+
+    def capture(forward, pool):
+        captured.append(forward())
+        return (lambda: replayed.append(1)), torch.tensor([7.0])
+
+    graphs = DecodeGraphs(8, enabled=True, capture=capture)
+    eager = lambda: torch.tensor([1.0])  # noqa: E731
+    for key in [(1, None), (2, None), (4, None), (8, None)]:  # a ramp: a new key every step stays eager
+        assert graphs.run(key, 0, eager).item() == 1.0
+    outputs = [graphs.run((8, None), 0, eager).item() for _ in range(CAPTURE_AFTER + 2)]
+    assert captured and graphs.captures == 1 and outputs[-1] == 7.0 and outputs[0] == 1.0
+    assert graphs.run((8, None), 1, eager).item() == 7.0 and graphs.captures == 2  # new cache: recaptured
+    assert graphs.run((4, None), 1, eager).item() == 1.0  # another key starts its own streak

@@ -69,14 +69,16 @@ def serve(targets: list[str] = typer.Argument(..., metavar="TARGET...", help="Wh
           max_tokens: int = typer.Option(1024, "--max-tokens", min=1,
                                          help="Largest max_tokens a request may ask for (400 above it); the "
                                               "answer length when a request names none."),
-          max_concurrency: int = typer.Option(32, "--max-concurrency", min=1,
+          max_concurrency: int = typer.Option(256, "--max-concurrency", min=1,
                                               help="Requests decoded together in one batch, per base model; "
-                                                   "the rest wait in the queue (vLLM: --max-num-seqs). Raise it "
-                                                   "on a GPU (256 for a small model)."),
-          max_queue: int = typer.Option(256, "--max-queue", min=0,
-                                        help="Requests that may wait for a decoding row, per base model; a "
-                                             "request beyond them gets 429 with Retry-After."),
-          queue_timeout: float = typer.Option(60.0, "--queue-timeout", min=0.001,
+                                                   "the rest wait in the queue (vLLM: --max-num-seqs). KV-cache "
+                                                   "rows are allocated as requests use them, so a large value "
+                                                   "costs memory only under load."),
+          max_queue: int = typer.Option(1024, "--max-queue", min=0,
+                                        help="Requests that may wait for a decoding row, per base model (it "
+                                             "bounds the memory held by waiting requests); a request beyond "
+                                             "them gets 429 with Retry-After."),
+          queue_timeout: float = typer.Option(300.0, "--queue-timeout", min=0.001,
                                               help="Seconds a request may wait in the queue for a decoding row; "
                                                    "then it gets 503 with Retry-After."),
           max_body_bytes: int = typer.Option(1_000_000, "--max-body-bytes", min=1,

@@ -250,25 +250,34 @@ def packed_gqa_attention(model: Any) -> Iterator[None]:
         config._attn_implementation = "sdpa"
 
 
-def _graphed(step: Callable[[], None]) -> Callable[[], None]:
-    """Run `step` once on a side stream (a real decode step), then capture it as a CUDA graph.
+def capture_cuda_graph(work: Callable[[], Any], pool: Any = None) -> tuple[Any, Any] | None:
+    """Run `work` once on a side stream (a real run), then capture it as a CUDA graph: (graph, its output).
 
-    If capture fails (an op that cannot be captured), later steps run eagerly; the warm-up step
-    has already advanced the state, so no step is lost or repeated.
+    None when capture fails (an op that cannot be captured); the warm-up run has happened either
+    way. Graphs sharing `pool` (torch.cuda.graph_pool_handle()) share their intermediate memory.
     """
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        step()
+        work()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
-            step()
+        with torch.cuda.graph(graph, pool=pool):
+            output = work()
     except RuntimeError as error:
-        logger.warning("CUDA graph capture failed (%s); decoding this batch eagerly", error)
-        return step
-    return graph.replay
+        logger.warning("CUDA graph capture failed (%s); running eagerly", error)
+        return None
+    return graph, output
+
+
+def _graphed(step: Callable[[], None]) -> Callable[[], None]:
+    """Run `step` once (a real decode step), then capture it as a CUDA graph; its replay, or `step` if capture fails.
+
+    The warm-up step has already advanced the state, so no step is lost or repeated.
+    """
+    captured = capture_cuda_graph(step)
+    return step if captured is None else captured[0].replay
 
 
 def static_decode(model: Any, prompts: list[list[int]], settings: DecodeSettings, seed: int) -> list[DecodedRow]:

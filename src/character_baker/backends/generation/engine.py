@@ -11,9 +11,11 @@
 
 Features, the argument that controls each, and its cost:
 
-- Slots (`max_batch`): each running request owns one row of a KV cache preallocated for every slot,
-  [max_batch, kv_heads, capacity, head_dim] per layer; capacity grows in steps of 256 positions as
-  requests need it (memory: max_batch x capacity x layers x 2 x kv_heads x head_dim x dtype bytes).
+- Slots (`max_batch`): each running request owns one row of a KV cache [rows, kv_heads, capacity,
+  head_dim] per layer. Rows are allocated as requests use them (16 at first, doubled up to
+  max_batch when a higher slot is taken) and capacity grows in steps of 256 positions as requests
+  need it (memory: rows x capacity x layers x 2 x kv_heads x head_dim x dtype bytes), so a large
+  max_batch costs memory only under load. Neither shrinks.
 - Continuous batching: every step, waiting requests take the free slots (lowest first) and are
   prefilled together, left-padded, in groups of at most `max_prefill_tokens` padded tokens
   (a step admits at most that many prompt tokens, so running streams are never stalled for
@@ -43,8 +45,16 @@ Features, the argument that controls each, and its cost:
 - Errors: a failing forward finishes the rows it ran with reason "error" and its message; the
   engine goes on with the next step.
 
+- CUDA graphs (`cuda_graphs`, on CUDA only): a decode step whose rows all use the same adapter
+  state is replayed from a graph captured for its row bucket (1, 2, 4, ... max_batch rows;
+  engine_graphs.py), reading every cache column under the mask; the first step of each bucket
+  pays a capture (one eager forward and a capture), and growing the cache recaptures. A small
+  model's eager step is bound by launching its kernels from Python, which the graph removes.
+  Mixed-adapter steps and prefills run eagerly; on a CPU every step is eager over the columns
+  written so far.
+
 Models: decoder-only with full attention under sdpa or eager (the same models as the static
-decode loop), on CPU or CUDA. No CUDA graphs here: the batch changes shape every step.
+decode loop), on CPU or CUDA.
 """
 
 from __future__ import annotations
@@ -55,16 +65,18 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Hashable, Literal, Sequence
 
 import torch
 
 from character_baker.backends.generation.decoding import left_pad, sample_tokens
+from character_baker.backends.generation.engine_graphs import DecodeGraphs
 
 logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 CAPACITY_STEP = 256  # KV-cache positions are added in multiples of this
+FIRST_SLOTS = 16  # KV-cache rows allocated at first; doubled as more requests run at once
 IDLE_WINDOW_S = 0.002  # after an idle spell, wait this long so a burst of arrivals prefills together
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 RECENT_FINISHES = 256  # finish times kept to estimate the completion rate
@@ -171,12 +183,14 @@ class SlotKVCache:
 
     is_compileable = False
 
-    def __init__(self, slots: int, capacity: int = CAPACITY_STEP):
-        self.slots, self.capacity = slots, capacity
+    def __init__(self, max_slots: int, capacity: int = CAPACITY_STEP):
+        self.max_slots, self.slots, self.capacity = max_slots, min(max_slots, FIRST_SLOTS), capacity
+        self.version = 0  # bumped whenever the layers are reallocated (captured graphs hold their addresses)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.prefill_slots: torch.Tensor | None = None
         self.write_positions: torch.Tensor | None = None
+        self.row_index: torch.Tensor | None = None
         self.span = 0
 
     def ensure_capacity(self, positions: int, limit: int | None = None) -> None:
@@ -185,12 +199,28 @@ class SlotKVCache:
             return
         wanted = -(-positions // CAPACITY_STEP) * CAPACITY_STEP
         self.capacity = max(positions, min(wanted, limit) if limit else wanted)
+        self._reallocate()
+
+    def ensure_slots(self, rows: int) -> None:
+        """Hold at least `rows` slots (doubling, up to max_slots): memory follows the rows in use."""
+        if rows <= self.slots:
+            return
+        if rows > self.max_slots:
+            raise ValueError(f"{rows} rows asked of a cache of {self.max_slots} slots")
+        slots = self.slots
+        while slots < rows:
+            slots *= 2
+        self.slots = min(self.max_slots, slots)
+        self._reallocate()
+
+    def _reallocate(self) -> None:
         self.keys = [self._grown(layer) for layer in self.keys]
         self.values = [self._grown(layer) for layer in self.values]
+        self.version += 1
 
     def _grown(self, layer: torch.Tensor) -> torch.Tensor:
-        grown = layer.new_zeros(*layer.shape[:2], self.capacity, layer.shape[-1])
-        grown[:, :, :layer.shape[2]] = layer
+        grown = layer.new_zeros(self.slots, layer.shape[1], self.capacity, layer.shape[-1])
+        grown[:layer.shape[0], :, :layer.shape[2]] = layer
         return grown
 
     def begin_prefill(self, slots: torch.Tensor) -> None:
@@ -200,6 +230,7 @@ class SlotKVCache:
     def begin_decode(self, write_positions: torch.Tensor, span: int) -> None:
         """The next forward writes one token for rows [0, len(write_positions)) at their positions."""
         self.prefill_slots, self.write_positions, self.span = None, write_positions, span
+        self.row_index = torch.arange(write_positions.shape[0], device=write_positions.device)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,9 +246,8 @@ class SlotKVCache:
             values[self.prefill_slots, :, :length] = value_states
             return key_states, value_states
         rows = self.write_positions.shape[0]
-        row_index = torch.arange(rows, device=key_states.device)
-        keys[row_index, :, self.write_positions] = key_states[:, :, 0]
-        values[row_index, :, self.write_positions] = value_states[:, :, 0]
+        keys[self.row_index, :, self.write_positions] = key_states[:, :, 0]
+        values[self.row_index, :, self.write_positions] = value_states[:, :, 0]
         return keys[:rows, :, :self.span], values[:rows, :, :self.span]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -258,6 +288,10 @@ class _AdapterSwitch:
             return {}
         return {"adapter_names": [adapter or BASE_ADAPTER for adapter in adapters]}
 
+    def state(self) -> Hashable:
+        """What a plain (adapter_names-free) forward depends on: adapters off, or which one is active."""
+        return (self.disabled, str(self.model.active_adapter)) if self.peft else None
+
     def _set_disabled(self, disabled: bool) -> None:
         if disabled == self.disabled:
             return
@@ -295,7 +329,7 @@ class BatchEngine:
 
     def __init__(self, model: Any, *, pad_id: int, max_batch: int = 32, max_queue: int | None = None,
                  max_prefill_tokens: int = 4096, seed: int = 0, on_step: Callable[[], None] | None = None,
-                 name: str = "engine"):
+                 name: str = "engine", cuda_graphs: bool = True):
         check_engine_support(model)
         if max_batch < 1 or max_prefill_tokens < 1 or (max_queue is not None and max_queue < 0):
             raise ValueError("max_batch and max_prefill_tokens must be at least 1 and max_queue at least 0")
@@ -306,6 +340,8 @@ class BatchEngine:
         self.device, self.dtype = embeddings.device, embeddings.dtype
         self.context_length = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self._cache = SlotKVCache(max_batch)
+        self._inputs = torch.zeros((3, max_batch), dtype=torch.long, device=self.device)  # token, start, write per slot
+        self.graphs = DecodeGraphs(max_batch, enabled=cuda_graphs and self.device.type == "cuda")
         self._cache_argument = _cache_argument(model)
         self._adapters = _AdapterSwitch(model)
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -480,34 +516,53 @@ class BatchEngine:
         causal = torch.ones(longest, longest, dtype=torch.bool, device=self.device).tril_()
         visible = causal[None] & real[:, None, :]
         mask = self._additive(visible[:, None])
+        self._cache.ensure_slots(1 + max(row.slot for row in rows))
         self._cache.begin_prefill(torch.tensor([row.slot for row in rows], device=self.device))
-        logits = self._forward(ids, positions, mask, [row.adapter for row in rows])
+        logits = self._forward(ids, positions, mask, self._adapters.forward_arguments([row.adapter for row in rows]))
         for row, prompt in zip(rows, prompts):
             row.start, row.position = longest - len(prompt), longest
         self._deliver(rows, self._sample(logits, rows))
 
     # ------------------------------------------------------------------ decoding
     def _decode(self) -> None:
-        """One token for every running row, in one forward over slots [0, highest busy slot]."""
-        rows = self._slots[:1 + max(slot for slot, row in enumerate(self._slots) if row is not None)]
-        active = [row for row in rows if row is not None]
-        writes = [row.position if row else 0 for row in rows]
-        span = max(writes) + 1
-        self._cache.ensure_capacity(span, self.context_length)
-        write = torch.tensor(writes, device=self.device)
-        start = torch.tensor([row.start if row else 0 for row in rows], device=self.device)
-        tokens = torch.tensor([[row.last_token if row else self.pad_id] for row in rows], device=self.device)
+        """One token for every running row, in one forward over slots [0, rows).
+
+        rows = the highest busy slot + 1, rounded up to a graph bucket when decode graphs are on;
+        the empty slots among them decode a pad token into their own (unused) row.
+        """
+        rows = self.graphs.rows_for(1 + max(slot for slot, row in enumerate(self._slots) if row is not None))
+        slots = self._slots[:rows]
+        active = [row for row in slots if row is not None]
+        writes = [row.position if row else 0 for row in slots]
+        self._cache.ensure_slots(rows)
+        self._cache.ensure_capacity(max(writes) + 1, self.context_length)
+        self._inputs[:, :rows].copy_(torch.tensor([[row.last_token if row else self.pad_id for row in slots],
+                                                   [row.start if row else 0 for row in slots], writes]))
+        hole = active[0].adapter  # empty slots take a running row's adapter, so a uniform batch stays uniform
+        extra = self._adapters.forward_arguments([row.adapter if row else hole for row in slots])
+        if self.graphs.enabled and not extra:  # fixed shapes: every cache column, under the mask
+            capacity = self._cache.capacity
+            logits = self.graphs.run((rows, self._adapters.state()), self._cache.version,
+                                     lambda: self._decode_forward(rows, capacity, extra))
+        else:
+            logits = self._decode_forward(rows, max(writes) + 1, extra)
+        for row in active:
+            row.position += 1
+        if len(active) < rows:
+            logits = logits[torch.tensor([row.slot for row in active], device=self.device)]
+        self._deliver(active, self._sample(logits, active))
+
+    def _decode_forward(self, rows: int, span: int, extra: dict[str, Any]) -> torch.Tensor:
+        """Logits of one decode step over slots [0, rows) and cache columns [0, span).
+
+        Graph-safe: the per-step inputs come only from the step-input buffer (`_inputs`), the
+        shapes only from the arguments, and nothing is read on the host.
+        """
+        tokens, start, write = self._inputs[:, :rows]
         columns = torch.arange(span, device=self.device)
         visible = (columns >= start[:, None]) & (columns <= write[:, None])
         self._cache.begin_decode(write, span)
-        hole = active[0].adapter  # empty slots take a running row's adapter, so a uniform batch stays uniform
-        logits = self._forward(tokens, (write - start)[:, None], self._additive(visible[:, None, None]),
-                               [row.adapter if row else hole for row in rows])
-        for row in active:
-            row.position += 1
-        if len(active) < len(rows):
-            logits = logits[torch.tensor([row.slot for row in active], device=self.device)]
-        self._deliver(active, self._sample(logits, active))
+        return self._forward(tokens[:, None], (write - start)[:, None], self._additive(visible[:, None, None]), extra)
 
     def _additive(self, visible: torch.Tensor) -> torch.Tensor:
         """A boolean visibility mask as the additive float mask the attention adds (0 or the dtype's min)."""
@@ -515,9 +570,8 @@ class BatchEngine:
         return mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                 adapters: list[str | None]) -> torch.Tensor:
-        """Float32 logits of each row's last position."""
-        extra = self._adapters.forward_arguments(adapters)
+                 extra: dict[str, Any]) -> torch.Tensor:
+        """Float32 logits of each row's last position (`extra`: the adapter switch's forward arguments)."""
         output = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
                             logits_to_keep=1, **{self._cache_argument: self._cache}, **extra)
         return output.logits[:, -1].float()
@@ -534,9 +588,13 @@ class BatchEngine:
             if key[0] == "seeded":
                 row = rows[indices[0]]
                 picked = sample_tokens(selected, row.temperature, row.top_p, row.generator)
-            else:  # the sampler takes per-row temperature (<= 0: greedy) and top_p tensors
-                temperatures = torch.tensor([rows[i].temperature for i in indices], device=self.device)
-                top_ps = torch.tensor([rows[i].top_p for i in indices], device=self.device)
+            else:  # one setting for every row (greedy is then one argmax), else per-row tensors (<= 0: greedy)
+                settings = {(rows[i].temperature, rows[i].top_p) for i in indices}
+                if len(settings) == 1:
+                    temperatures, top_ps = settings.pop()
+                else:
+                    temperatures = torch.tensor([rows[i].temperature for i in indices], device=self.device)
+                    top_ps = torch.tensor([rows[i].top_p for i in indices], device=self.device)
                 picked = sample_tokens(selected, temperatures, top_ps, self._generator)
             chosen[where] = picked
         return chosen.tolist()

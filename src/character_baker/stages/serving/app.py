@@ -52,9 +52,9 @@ class ServeSettings:
     port: int = 8000
     api_key: str | None = None
     max_tokens: int = 1024
-    max_concurrency: int = 32
-    max_queue: int = 256
-    queue_timeout: float = 60.0
+    max_concurrency: int = 256  # KV-cache rows are allocated as requests use them, not up front
+    max_queue: int = 1024
+    queue_timeout: float = 300.0
     max_body_bytes: int = 1_000_000
 
 

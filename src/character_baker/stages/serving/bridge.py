@@ -81,12 +81,20 @@ class GenerationEvent:
 
 
 class IncrementalDecoder:
-    """Generated token ids -> text deltas; a partial UTF-8 character waits for its next byte."""
+    """Generated token ids -> text deltas, decoding a window of a few ids per token, never the whole answer.
+
+    Each push decodes the ids from `prefix` on twice, with and without the ones not yet emitted
+    (from `read` on); the new text is the difference. The emitted ids before them give the
+    context a tokenizer needs (a leading-space rule, a character split over several ids); a partial
+    UTF-8 character (the text ends in U+FFFD) waits for its next byte. (The offsets scheme of
+    text-generation-inference and vLLM.)
+    """
 
     def __init__(self, tokenizer: Any, stop_ids: tuple[int, ...]):
         self.tokenizer, self.stop_ids = tokenizer, set(stop_ids)
-        self.pending: list[int] = []  # ids since the last line break (decoding restarts there)
-        self.emitted = 0  # characters of decode(pending) already returned
+        self.ids: list[int] = []  # generated ids, stop tokens left out
+        self.prefix = 0  # where the decoding window starts
+        self.read = 0  # ids before this one have been emitted
         self.token_count = 0
         self.stopped = False
 
@@ -96,19 +104,22 @@ class IncrementalDecoder:
         if token_id in self.stop_ids:
             self.stopped = True
             return self.flush()
-        self.pending.append(token_id)
-        text = self.tokenizer.decode(self.pending, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        delta = text[self.emitted:]
-        self.pending, self.emitted = ([], 0) if text.endswith("\n") else (self.pending, len(text))
-        return delta
+        self.ids.append(token_id)
+        return self._delta(final=False)
 
     def flush(self) -> str:
         """Whatever text is still held back (at the end of generation)."""
-        delta = self.tokenizer.decode(self.pending, skip_special_tokens=True)[self.emitted:]
-        self.pending, self.emitted = [], 0
-        return delta
+        return self._delta(final=True)
+
+    def _delta(self, final: bool) -> str:
+        if self.read == len(self.ids):
+            return ""
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        text = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if not final and (len(text) <= len(before) or text.endswith("\ufffd")):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before):]
 
 
 def _load_weights(weights: str, adapters: dict[str, Any], models_config: ModelsConfig) -> tuple[Any, Any]:
