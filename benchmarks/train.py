@@ -27,7 +27,9 @@ Conventions (each number in the table means exactly this):
   and response, no padding: 2 x seq-len per pair unless --length-spread, however they are
   computed; for TRL the mean tokens per optimiser batch), median over the
   timed steps; the first `--warmup-steps` optimiser steps are not timed. The reference log-prob
-  pass (once, before training, in both trainers) is reported separately.
+  pass (once, before training, in both trainers) is reported separately, and for ours also as a
+  multiple of a plain `model(input_ids)` forward over the same pairs in the same batches, timed
+  in the same process just before training (`plain_forward_tokens_per_s`).
 - computed tokens/s: token positions the policy actually runs per second. With prefix sharing
   (ours, default) a pair's prompt runs once, so this is below policy tokens/s.
 - MFU: computed tokens/s x model FLOPs per token = 6 N + 12 L H Q T (PaLM, Chowdhery et al. 2022, appendix B),
@@ -204,6 +206,7 @@ def run_ours(args: argparse.Namespace, model: Any, tokenizer: Any, records: list
                         torch_compile=args.compile, share_prompt=not args.no_share_prompt, pack_pairs=args.pack_pairs,
                         offload_optimizer=args.offload_optimizer, offload_activations=args.offload_activations,
                         offload_embeddings=args.offload_embeddings)
+    plain_forward = plain_forward_tokens_per_s(model, tokenizer, records, reference_batch_size(args), args.seq_len)
     steps: list[dict] = []
     callbacks = [steps.append] + ([profile_step(args.warmup_steps + 1)] if args.profile else [])
     with tempfile.TemporaryDirectory() as scratch, offload_implementation(args.offload_impl):
@@ -215,7 +218,30 @@ def run_ours(args: argparse.Namespace, model: Any, tokenizer: Any, records: list
             "step_seconds": statistics.median(r["step_seconds"] for r in timed),
             "peak_memory_gb": max(r["peak_memory_gb"] for r in timed),
             "reference_tokens_per_s": reference_tokens / summary["prepare"]["reference_seconds"],
-            "final_loss": timed[-1]["loss"], "flags": our_flags(args, cfg)}
+            "plain_forward_tokens_per_s": plain_forward, "final_loss": timed[-1]["loss"], "flags": our_flags(args, cfg)}
+
+
+def plain_forward_tokens_per_s(model: Any, tokenizer: Any, records: list[dict], pairs_per_batch: int,
+                               max_length: int) -> float:
+    """Tokens/s of plain `model(input_ids)` forwards (inference mode, full logits) over the records' pairs.
+
+    `pairs_per_batch` pairs per forward as padded rows [chosen..., rejected...]: what a reference
+    pass's forwards cost with nothing of ours around them (no adapter, no prefix sharing).
+    """
+    from character_baker.stages.training.dpo import collate_pairs
+    from character_baker.stages.training.tokenize import tokenize_preferences
+
+    pairs, _ = tokenize_preferences(tokenizer, records, max_length)
+    device, tokens = next(model.parameters()).device, 0
+    _sync(device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for start in range(0, len(pairs), pairs_per_batch):
+            batch = collate_pairs(pairs[start:start + pairs_per_batch], tokenizer.pad_token_id or 0).to(device)
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            tokens += batch.num_tokens
+    _sync(device)
+    return tokens / (time.perf_counter() - started)
 
 
 def our_flags(args: argparse.Namespace, cfg: Any) -> str:
@@ -513,11 +539,15 @@ def markdown(args: argparse.Namespace, device: torch.device, peak_tflops: float,
         lines.append(f"| {name} | {row['tokens_per_s']:,.0f} | {row['computed_tokens_per_s']:,.0f} | {mfu:.1%} | "
                      f"{row['step_seconds']:.3f} | {row['peak_memory_gb']:.2f} | {_rate(row['reference_tokens_per_s'])} | "
                      f"{row['flags']} |")
+    ours = results["character-baker"]
+    lines.append(f"\nour reference pass runs at x{ours['reference_tokens_per_s'] / ours['tokens_per_s']:.2f} our training "
+                 f"tokens/s and x{ours['reference_tokens_per_s'] / ours['plain_forward_tokens_per_s']:.2f} a plain "
+                 f"`model(input_ids)` forward of the same batches ({ours['plain_forward_tokens_per_s']:,.0f} tokens/s, "
+                 f"same process, before training)")
     if len(results) == 2:
-        ours, theirs = results.values()
+        theirs = results[next(name for name in results if name != "character-baker")]
         lines.append(f"\ncharacter-baker vs TRL: tokens/s x{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}, "
-                     f"peak memory x{ours['peak_memory_gb'] / theirs['peak_memory_gb']:.2f}; our reference pass runs at "
-                     f"x{ours['reference_tokens_per_s'] / ours['tokens_per_s']:.2f} our training tokens/s")
+                     f"peak memory x{ours['peak_memory_gb'] / theirs['peak_memory_gb']:.2f}")
     return "\n".join(lines) + "\n"
 
 

@@ -76,6 +76,19 @@ def test_cpu_embedding_looks_up_the_same_rows(tiny_tok):
     torch.testing.assert_close(model(input_ids=ids).logits, before)
 
 
+def test_cpu_embedding_staging_buffer_from_inference_mode_takes_training_writes():
+    # The reference pass (inference mode) allocates the staging buffer first; training reuses it.
+    embedding = CpuEmbedding(torch.nn.Embedding(10, 4).requires_grad_(False), torch.device("cpu"))
+    ids = torch.tensor([3, 1, 4, 1, 5, 9])
+    with torch.inference_mode():
+        torch.index_select(embedding.weight, 0, ids, out=embedding.staging_rows(len(ids)))
+    rows = embedding.staging_rows(len(ids) - 2)  # reused, not grown
+    torch.index_select(embedding.weight, 0, ids[:4], out=rows)  # raised on an inference tensor
+    assert not rows.is_inference()
+    torch.testing.assert_close(rows, embedding.weight[ids[:4]])
+    assert embedding.staging_rows(2 * len(ids)).shape == (12, 4)  # grown
+
+
 def test_tied_embeddings_stay_with_the_output_head(tiny_tok):
     model = tiny_model("llama", tiny_tok).requires_grad_(False)
     model.get_output_embeddings().weight = model.get_input_embeddings().weight

@@ -11,7 +11,8 @@ resume) reuses every entry that still matches and computes only what is missing.
 Chosen and rejected run in one forward: with `share_prompt` (the default) each pair is one row
 whose prompt is computed once (prefix sharing, see `packing`; `pack_pairs` puts several pairs in
 a row); otherwise rows [chosen..., rejected...] of one padded batch. Every layout gives the same
-log-probs. The reference pass batches `REFERENCE_BATCH_FACTOR` micro-batches per forward.
+log-probs. The reference pass batches `REFERENCE_BATCH_FACTOR` micro-batches per forward and runs
+eagerly (`eager_forward`): compiling its inference-mode graph took longer than the whole pass runs.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import hashlib
 import os
 import time
 from array import array
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -34,7 +35,7 @@ from character_baker.stages.training.batching import Batch, collate_sequences
 from character_baker.stages.training.losses import (ResponseScorer, attention_implementation, dpo_loss, k3_kl,
                                                     row_sums, tokens_per_row)
 from character_baker.stages.training.packing import (MASKABLE_ATTENTION, collate_shared_prefix, restore_attention,
-                                                     use_flex_attention)
+                                                     sdpa_instead_of_flex, use_flex_attention)
 from character_baker.stages.training.tokenize import TokenizedPair, tokenize_preferences
 from character_baker.stages.training.trainer import ExtraLoss, run_training, sum_counts
 
@@ -105,23 +106,38 @@ def _grad_free(model: nn.Module) -> Any:
     return torch.no_grad() if isinstance(model, FSDPModule) else torch.inference_mode()
 
 
+@contextmanager
+def eager_forward(model: nn.Module) -> Iterator[None]:
+    """Compiled layers run eagerly and flex attention as SDPA while the block runs: nothing compiles.
+
+    A forward-only pass over the data runs once; `torch_compile` would trace and compile an
+    inference-mode graph for it (another one for each new batch shape) that training, which needs
+    the autograd graph, cannot reuse. On one H200 that compile was most of the reference pass's time
+    (docs/performance.md). torch < 2.6 has no `set_stance`: there the layers compile as before.
+    """
+    stance = getattr(torch.compiler, "set_stance", None)
+    with (stance("force_eager") if stance else nullcontext()), sdpa_instead_of_flex(_unwrap(model).model):
+        yield
+
+
 def score_pairs(model: nn.Module, pairs: Sequence[TokenizedPair], pad_token_id: int, batch_size: int,
                 adapter: bool = True, share_prompt: bool = False,
                 pack: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{pair_key: (chosen token log-probs, rejected token log-probs)} on the CPU, in eval and inference mode."""
+    """{pair_key: (chosen token log-probs, rejected token log-probs)} on the CPU, in eval and inference mode, eagerly."""
     scorer, was_training = _unwrap(model), model.training
     model.eval()
     scores = {}
     try:
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start:start + batch_size]
-            batch = collate_pairs(chunk, pad_token_id, share_prompt, pack).to(next(model.parameters()).device)
-            with _grad_free(model), (nullcontext() if adapter else scorer.adapter_disabled()):
-                token_logps, counts = score_batch(model, batch)
-            # Cloned outside inference mode: ordinary tensors, which the training loss may use.
-            rows = token_logps.float().cpu().clone().split(counts.tolist())
-            for index, pair in enumerate(chunk):
-                scores[pair_key(pair)] = (rows[index].clone(), rows[index + len(chunk)].clone())
+        with eager_forward(model):
+            for start in range(0, len(pairs), batch_size):
+                chunk = pairs[start:start + batch_size]
+                batch = collate_pairs(chunk, pad_token_id, share_prompt, pack).to(next(model.parameters()).device)
+                with _grad_free(model), (nullcontext() if adapter else scorer.adapter_disabled()):
+                    token_logps, counts = score_batch(model, batch)
+                # Cloned outside inference mode: ordinary tensors, which the training loss may use.
+                rows = token_logps.float().cpu().clone().split(counts.tolist())
+                for index, pair in enumerate(chunk):
+                    scores[pair_key(pair)] = (rows[index].clone(), rows[index + len(chunk)].clone())
     finally:
         model.train(was_training)
     return scores

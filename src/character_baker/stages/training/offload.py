@@ -438,16 +438,26 @@ class CpuEmbedding(nn.Module):
         """The embedding table (in CPU memory)."""
         return self._table
 
+    def staging_rows(self, count: int) -> torch.Tensor:
+        """A [count, embedding_dim] view of the staging buffer (pinned for a GPU), grown as needed.
+
+        Always an ordinary tensor, even when first allocated under inference mode (the reference
+        pass runs there before training): training writes into it, and an inference tensor may not
+        be updated in place outside inference mode.
+        """
+        size = count * self.embedding_dim
+        if self._staging is None or self._staging.numel() < size or self._staging.is_inference():
+            with torch.inference_mode(False):
+                self._staging = torch.empty(size, dtype=self._table.dtype, pin_memory=self.target.type == "cuda")
+        return self._staging[:size].view(count, self.embedding_dim)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.to("cpu").reshape(-1)
         if self.target.type != "cuda":
             return self._table.index_select(0, ids).view(*input_ids.shape, -1)
-        size = ids.numel() * self.embedding_dim
         if self._sent is not None:
             self._sent.synchronize()  # the previous rows have left the staging buffer
-        if self._staging is None or self._staging.numel() < size:
-            self._staging = torch.empty(size, dtype=self._table.dtype, pin_memory=True)
-        rows = self._staging[:size].view(-1, self.embedding_dim)
+        rows = self.staging_rows(ids.numel())
         torch.index_select(self._table, 0, ids, out=rows)
         moved = rows.to(self.target, non_blocking=True)
         self._sent = torch.cuda.Event()

@@ -35,7 +35,8 @@ which skips the masked blocks and keeps GQA (see `use_flex_attention`).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -205,3 +206,20 @@ def restore_attention(model: nn.Module, implementation: str | None) -> None:
     """Undo `use_flex_attention`."""
     if implementation is not None:
         unwrap_peft(model).set_attn_implementation(implementation)
+
+
+@contextmanager
+def sdpa_instead_of_flex(model: nn.Module) -> Iterator[None]:
+    """While the block runs, a model switched to flex attention runs SDPA with the same mask.
+
+    For forwards that run eagerly (see `dpo.eager_forward`): flex attention is fast only compiled;
+    outside compile it is a dense reference implementation.
+    """
+    if attention_implementation(model) != "flex_attention":
+        yield
+        return
+    unwrap_peft(model).set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        unwrap_peft(model).set_attn_implementation("flex_attention")
