@@ -60,11 +60,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the strength on 48 MC items; eval compares the trained model with the base only. Runs: 8 min 51 s
     # with the monitor every 3 steps on 6 prompts, a 72-token teacher and three scales; 7 min 59.6 s without;
     # then 4 fewer general prompts, 6 calibration prompts and 16-token short answers in eval: 10 min 2 s on
-    # the same machine an hour later (the host ran ~40% slower: same code, same tokens/s benchmark), so 3
-    # questions per trait and 4 calibration prompts on 40 MC items, for margin.
+    # the same machine an hour later (the host ran ~40% slower: same code, same tokens/s benchmark). 3
+    # questions per trait (and 4 calibration prompts on 40 MC items) ran in 7 min 48 s on that host but
+    # the character no longer took (in character 17% vs 0%, classifier F1 0.67 on fewer answers): kept at 4.
     "demo": {
         "method": ["distill"],
-        "prompts": {"questions_per_trait": 3, "general_prompts": 20, "synthesized_prompts": 0, "checkable_prompts": 0},
+        "prompts": {"questions_per_trait": 4, "general_prompts": 20, "synthesized_prompts": 0, "checkable_prompts": 0},
         "generation": {"persona_prompt": "brief",
                        "teacher": {"batch_size": 128, "sampling": {"max_new_tokens": 64, "repetition_penalty": 1.1}},
                        "student": {"batch_size": 128, "sampling": {"max_new_tokens": 64}},
@@ -80,8 +81,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "lora": {"r": 16, "alpha": 32}},
         "profile": {"prompts": 16},
         "merge": {"svd_rank": 16},
-        "calibrate": {"scales": [0.75, 1.0], "prompts": 4, "kl_prompts": 2, "max_new_tokens": 40,
-                      "mc_items": 40},
+        "calibrate": {"scales": [0.75, 1.0], "prompts": 6, "kl_prompts": 2, "max_new_tokens": 40,
+                      "mc_items": 48},
         "eval": {"conditions": ["base", "trained"], "prompts": 24, "robustness_prompts": 3, "identity_prompts": 3,
                  "harmful_prompts": 3, "elo_pairs": 4, "coherence_pairs": 3, "capability_items": 6,
                  "capability_max_new_tokens": 16, "mc_items": 32,
