@@ -312,17 +312,18 @@ def run_all(args: argparse.Namespace, model: Any, tokenizer: Any) -> list[tuple]
     return rows
 
 
-def print_table(rows: list[tuple], title: str) -> None:
-    """The results as a rich table on stdout."""
+def print_table(rows: list[tuple], title: str, columns: tuple[str, ...] | list[str] = COLUMNS,
+                label: str = "backend", width: int = 120) -> None:
+    """The results as a rich table on stdout (the `label` column left-aligned, numbers right)."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
-    for column in COLUMNS:
-        table.add_column(column, justify="left" if column == "backend" else "right")
+    for column in columns:
+        table.add_column(column, justify="left" if column == label else "right")
     for row in rows:
         table.add_row(*(str(cell) for cell in row))
-    Console(width=120).print(table)
+    Console(width=width).print(table)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from generation import machine  # benchmarks/generation.py: GPU name, or CPU model, cores and torch threads
+from generation import machine, print_table  # benchmarks/generation.py: the machine line; a rich table
 
 QUESTIONS = ["Who are you?", "Tell me about yourself.", "Write a short poem about the sea.",
              "Explain step by step how a sail catches the wind.", "What is the capital of France?",
@@ -243,19 +243,6 @@ def markdown(rows: list[tuple], argv: list[str], notes: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def print_table(rows: list[tuple], title: str) -> None:
-    """The results as a rich table on stdout."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for column in COLUMNS:
-        table.add_column(column, justify="left" if column == "mode" else "right")
-    for row in rows:
-        table.add_row(*(str(cell) for cell in row))
-    Console(width=200).print(table)
-
-
 # ----------------------------------------------------------------------------- main
 def measure(url: str, args: argparse.Namespace) -> tuple[str, list[tuple]]:
     """(model id, table rows): per mode, a single-client baseline then the concurrent run."""
@@ -288,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         f"(openai AsyncOpenAI, one connection each); max_tokens {args.max_tokens}, temperature {args.temperature}; "
         "tokens/s counts generated tokens (usage); 'x one client' = tokens/s over the single-client row's.",
         args.note]))
-    print_table(rows, f"serving {model} on {machine()}")
+    print_table(rows, f"serving {model} on {machine()}", COLUMNS, label="mode", width=200)
     with open(args.results, "a", encoding="utf-8") as handle:
         handle.write(markdown(rows, argv, notes))
     return 0
