@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from character_baker.core.config import Recipe
+from character_baker.core.config import DistillConfig, Recipe
 from character_baker.core.errors import Problem, UserError
 from character_baker.core.validation import inner_model, problems_from_validation
 from character_baker.core.yamlio import LineMap, line_for, load_yaml_with_lines, parse_yaml_document
@@ -74,8 +74,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "distill": {"best_of": 4, "samples_per_prompt": 1, "batch_size": 8, "micro_batch_size": 4,
                     "learning_rate": 5e-4, "epochs": 3, "max_length": 288, "save_steps": 5, "heldout_fraction": 0.1,
                     "lora": {"r": 16, "alpha": 32},
-                    "filters": ["empty", "truncated", "over_token_budget", "duplicate", "assistant_phrase",
-                                "point_of_view", "benign_refusal", "degenerate", "incorrect", "no_voice_cue"],
+                    "filters": [*DistillConfig().filters, "no_voice_cue"],  # the defaults, plus the voice check
                     "monitor": {"every": 5, "prompts": 4, "max_new_tokens": 40, "patience": 2}},
         "sdft": {"prompts": 32, "batch_size": 8, "micro_batch_size": 4, "max_length": 384,
                  "lora": {"r": 16, "alpha": 32}},
