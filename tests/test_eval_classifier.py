@@ -117,6 +117,18 @@ def test_other_runs_make_an_n_way_classifier(tmp_path, bert):
         classifier.training_set(eval_context(run, bert), [other, other])
 
 
+def test_the_split_does_not_depend_on_where_the_run_folder_lives(tmp_path, bert):
+    here, there = RunDir.create(tmp_path / "a" / "pirate"), RunDir.create(tmp_path / "b" / "elsewhere" / "pirate")
+    write_pairs(here, prompts=12)
+    write_pairs(there, prompts=12)
+    splits = []
+    for run in (here, there):
+        examples, _ = classifier.training_set(eval_context(run, bert), [])
+        train, held = classifier.split_by_prompt(examples, 0.25, seed=0)
+        splits.append(([e.prompt_key for e in train], [e.prompt_key for e in held]))
+    assert splits[0] == splits[1] and splits[0][1]
+
+
 def test_too_little_data_is_a_user_error_naming_the_fix(tmp_path, bert):
     run = RunDir.create(tmp_path / "run")
     write_pairs(run, prompts=1)
