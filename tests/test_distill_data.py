@@ -137,6 +137,30 @@ def test_teacher_system_prompt_follows_generation_persona_prompt():
     assert PRESETS["smoke"]["generation"]["persona_prompt"] == PRESETS["small"]["generation"]["persona_prompt"] == "brief"
 
 
+def test_teacher_examples_are_earlier_turns_for_the_teacher_only():
+    from character_baker.core.constitution import load_constitution
+    from character_baker.core.config import Recipe
+    from character_baker.core.system_prompts import example_turns
+    from character_baker.stages.data.distill_pairs import teacher_conversation
+
+    constitution = load_constitution(PIRATE)
+    shortest = sorted(constitution.examples, key=lambda e: (len(e.response.split()), e.prompt))  # ties by prompt
+    turns = example_turns(constitution, 2)
+    assert [t["role"] for t in turns] == ["user", "assistant", "user", "assistant"]
+    assert turns[0]["content"] == shortest[0].prompt and turns[1]["content"] == " ".join(shortest[0].response.split())
+    assert example_turns(constitution, 0) == [] and len(example_turns(constitution, 99)) == 2 * len(shortest)
+    # The question being answered is never its own demonstration.
+    assert shortest[0].prompt not in [t["content"] for t in example_turns(constitution, 2, exclude=shortest[0].prompt)]
+    recipe = Recipe.model_validate({"distill": {"teacher_examples": 2}, "generation": {"persona_prompt": "brief"}})
+    ctx = SimpleNamespace(constitution=constitution, recipe=recipe)
+    messages = teacher_conversation(ctx, "Why is the sea salty?")
+    assert messages[0]["role"] == "system" and messages[1:5] == turns
+    assert messages[-1] == {"role": "user", "content": "Why is the sea salty?"}
+    # The student (rejected answers) sees the prompt alone; the published default shows no examples.
+    assert teacher_conversation(ctx, "Why?", with_constitution=False) == [{"role": "user", "content": "Why?"}]
+    assert Recipe().distill.teacher_examples == 0
+
+
 def test_best_of_k_keeps_the_most_in_character_candidate_that_passes_every_filter():
     from character_baker.core.config import Recipe
     from character_baker.core.persona_scorer import PersonaScorer

@@ -115,7 +115,19 @@ def test_eval_runs_every_condition_and_measure_and_writes_both_reports(cli, eval
         assert section in html
     assert "eval: rook" in out and "held-out F1" in out and "0 unparsed" in out
     manifest = run.manifest()["stages"]["eval"]
-    assert manifest["status"] == "done" and set(manifest["artifacts"]) == {"eval/report.json", "eval/report.html"}
+    assert manifest["status"] == "done" and set(manifest["artifacts"]) == {"eval/report.json", "eval/report.html",
+                                                                            "eval/answers.jsonl"}
+    # Every answer of every condition and answer set, with the classifier's flag: 5 plain + 8 splits + 1 prefill.
+    rows = [json.loads(line) for line in run.path("eval", "answers.jsonl").read_text().splitlines()]
+    assert len(rows) == len(names) * (5 + 8 + 1)
+    assert {row["condition"] for row in rows} == set(names) and {"plain", "break-7", "prefill"} <= {
+        row["answer_set"] for row in rows}
+    trained_plain = [row for row in rows if row["condition"] == "trained" and row["answer_set"] == "plain"]
+    assert sum(row["in_character"] for row in trained_plain) == round(report["robustness"]["trained"]["plain"]["value"] * 5)
+    chosen = report["side_by_side"]
+    assert chosen["n"] == 5 and chosen["in_character"] == sum(row["in_character"] for row in trained_plain)
+    assert [item["in_character"]["trained"] for item in chosen["items"]] == [
+        row["in_character"] for row in trained_plain if row["prompt"] in {i["prompt"] for i in chosen["items"]}]
 
     code, out, _ = cli("eval", str(run.root), *arguments)
     assert code == 0 and "skipped" in out and "eval: rook" in out

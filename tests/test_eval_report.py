@@ -54,3 +54,39 @@ def test_terminal_table_and_manifest_summary():
     summary = report.summary(fixed_report())
     assert summary["conditions"] == CONDITIONS and summary["judge_parse_failures"] == 0
     assert summary["trained"]["looping_rate"] == 0.55 and summary["trained"]["mc_accuracy"] == 0.7
+
+
+def _rows(flags: list[bool]) -> list[dict]:
+    rows = []
+    for index, flag in enumerate(flags):
+        rows.append({"condition": "base", "answer_set": "plain", "prompt": f"p{index}", "answer": f"base {index}",
+                     "in_character": False})
+        rows.append({"condition": "trained", "answer_set": "plain", "prompt": f"p{index}", "answer": f"arr {index}",
+                     "in_character": flag})
+        rows.append({"condition": "trained", "answer_set": "break-0", "prompt": f"p{index}", "answer": "x",
+                     "in_character": True})
+    return rows
+
+
+def test_side_by_side_shows_the_first_hits_and_the_first_miss_in_eval_order():
+    from character_baker.stages.evaluation.stage import side_by_side
+
+    chosen = side_by_side(_rows([False, True, False, True, True, True]), 3)
+    assert [item["prompt"] for item in chosen["items"]] == ["p0", "p1", "p3", "p4"]  # eval order, not re-sorted
+    assert chosen["in_character"] == 4 and chosen["n"] == 6
+    assert [item["in_character"]["trained"] for item in chosen["items"]] == [False, True, True, True]
+    assert chosen["items"][1]["answers"] == {"base": "base 1", "trained": "arr 1"}
+    every_hit = side_by_side(_rows([True] * 5), 3)
+    assert [item["prompt"] for item in every_hit["items"]] == ["p0", "p1", "p2"]  # no miss to show
+    assert side_by_side([r for r in _rows([True]) if r["condition"] == "base"], 3) is None  # no trained condition
+
+
+def test_end_of_train_lines_label_each_answer_and_state_the_rule():
+    from character_baker.stages.evaluation.stage import side_by_side
+
+    data = fixed_report()
+    data["side_by_side"] = side_by_side(_rows([False, True, True]), 3)
+    text = "\n".join(report.headline_lines(data))
+    assert "2 of 3 trained answers are in character" in text and "eval/answers.jsonl" in text
+    assert "trained (not in character): arr 0" in text and "trained (in character): arr 1" in text
+    assert "base (not in character): base 2" in text

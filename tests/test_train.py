@@ -91,6 +91,28 @@ def test_train_runs_the_chain_then_skips_and_resumes(cli, tmp_path, tiny_model_d
     code, out, _ = cli("train", "constitutions/pirate.yaml", *tiny_args(tiny_model_dir, tmp_path),
                        "--set", "merge.weights.introspect=0.5", "--from", "merge")
     assert code == 0 and "[merge] inputs unchanged" not in out
+    # An output deleted by hand: its stage runs again (the plan says so too) instead of being skipped.
+    import shutil
+
+    shutil.rmtree(run / "adapters" / "distill")
+    code, out, err = cli("train", "constitutions/pirate.yaml", *tiny_args(tiny_model_dir, tmp_path),
+                         "--set", "merge.weights.introspect=0.5", "--until", "distill")
+    flat = " ".join(out.split())
+    assert code == 0, err
+    assert "[distill] inputs unchanged, but adapters/distill" in flat and "gone: running it again" in flat
+    assert "[prompts] inputs unchanged since the last run: skipped" in out
+    assert (run / "adapters" / "distill" / "adapter_model.safetensors").is_file()
+
+
+def test_dry_run_counts_only_the_planned_stages(cli, tmp_path, tiny_model_dir):
+    args = tiny_args(tiny_model_dir, tmp_path)
+    code, out, err = cli("train", "constitutions/pirate.yaml", "--dry-run", *args, "--set", "method=[distill]")
+    assert code == 0, err
+    flat = " ".join(out.split())
+    assert "counts: prompts" in flat and "distill_pairs" in flat
+    assert "reflections" not in flat and "interactions" not in flat  # no introspection in this method
+    code, out, _ = cli("train", "constitutions/pirate.yaml", "--dry-run", *args)
+    assert "reflections" in " ".join(out.split())
 
 
 def test_batch_continues_past_a_failure_and_reports_json(cli, tmp_path, tiny_model_dir):

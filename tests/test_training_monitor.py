@@ -9,7 +9,7 @@ import pytest
 from character_baker.core.config import DistillConfig, MonitorConfig
 from character_baker.core.persona_scorer import PersonaScorer
 from character_baker.core.runs import RunDir, read_jsonl
-from character_baker.stages.training.monitor import BEST_FOLDER, TrainingMonitor
+from character_baker.stages.training.monitor import BEST_FOLDER, Check, TrainingMonitor
 
 LOOP = "arr arr arr arr arr arr arr arr arr arr arr arr arr arr"
 
@@ -44,6 +44,33 @@ def test_the_best_check_is_the_most_in_character_one_that_does_not_loop(tmp_path
     assert monitor.should_stop()  # checks 3 and 4 came after the best one
     state = json.loads((tmp_path / "monitor.json").read_text())
     assert state["best_step"] == 2 and len(state["checks"]) == 4
+
+
+def test_a_later_check_within_one_standard_error_of_the_top_is_the_best(tmp_path):
+    """Scores are means over a few sampled answers: a hair lower later is the same within noise."""
+    monitor, _ = _monitor(tmp_path, {})
+    monitor.checks = [Check(5, 0.9438, 0.0, True, 0.03), Check(10, 0.9378, 0.0, True, 0.04),
+                      Check(12, 0.80, 0.0, True, 0.02)]
+    assert monitor.best().step == 10  # 0.9378 >= 0.9438 - 0.03; step 12 is below the floor
+    assert not monitor.should_stop()  # patience 2: only step 12 came after the best
+    monitor.checks.append(Check(14, 0.99, 0.2, False, 0.01))  # higher, but loops: never the best
+    assert monitor.best().step == 10
+    exact = [Check(5, 0.9438, 0.0, True), Check(10, 0.9378, 0.0, True)]  # no error recorded: the plain maximum
+    monitor.checks = exact
+    assert monitor.best().step == 5
+
+
+def test_a_check_records_the_standard_error_of_its_mean_score(tmp_path):
+    scorer = PersonaScorer.fit(["arr matey the sea"] * 20, ["here is a plain answer"] * 20)
+    monitor, calls = _monitor(tmp_path, {1: ["arr matey the sea", "here is a plain answer"]}, scorer=scorer)
+    monitor.resume(0, "run")
+    monitor.measure_base(None)
+    calls["step"] = 1
+    check = monitor.check(None, 1)
+    scores = scorer.score(["arr matey the sea", "here is a plain answer"])
+    assert check.persona == pytest.approx(sum(scores) / 2, abs=1e-4)
+    assert check.persona_se == pytest.approx(abs(scores[0] - scores[1]) / 2, abs=1e-4)  # sd/sqrt(2) for two
+    assert json.loads((tmp_path / "monitor.json").read_text())["checks"][0]["persona_se"] == check.persona_se
 
 
 def test_resume_keeps_the_history_up_to_the_checkpoint_of_the_same_run_only(tmp_path):

@@ -23,7 +23,7 @@ def _print_plan(name: str, plan) -> None:
     for stage in plan.planned:
         table.add_row(stage, plan.actions.get(stage, "not selected"))
     console.print(table)
-    counts = ", ".join(f"{key} {value:,}" for key, value in plan.counts.items())
+    counts = ", ".join(f"{key} {value:,}" for key, value in plan.shown_counts().items())
     console.print(f"counts: {counts}")
     console.print(f"estimated tokens: {plan.tokens_generate:,} to generate, {plan.tokens_train:,} to train on")
     console.print(f"estimated time on this machine: {plan.seconds / 60:.1f} min (rough: rates from benchmarks/)")

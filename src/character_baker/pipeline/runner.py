@@ -49,12 +49,20 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def missing_artifacts(ctx: StageContext, name: str) -> list[str]:
+    """The run-relative outputs the manifest records for stage `name` that no longer exist on disk."""
+    return [rel for rel in ctx.run.stage(name).get("artifacts", {}) if not ctx.run.path(rel).exists()]
+
+
 def run_stage(stage: Stage, ctx: StageContext, *, force: bool = False) -> tuple[StageResult | None, dict[str, Any]]:
     """Run `stage` unless its inputs are unchanged; record status, hashes, timings; return (result, entry)."""
     inputs_hash = stage_inputs_hash(stage, ctx)
     if not force and ctx.run.is_stage_current(stage.name, inputs_hash):
-        ctx.log(f"[{stage.name}] inputs unchanged since the last run: skipped")
-        return None, ctx.run.stage(stage.name)
+        missing = missing_artifacts(ctx, stage.name)
+        if not missing:
+            ctx.log(f"[{stage.name}] inputs unchanged since the last run: skipped")
+            return None, ctx.run.stage(stage.name)
+        ctx.log(f"[{stage.name}] inputs unchanged, but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} gone: running it again")
     if not is_main_process():  # every rank trains; rank 0 alone keeps the manifest
         return stage.run(ctx), {}
     record_run_metadata(ctx)

@@ -17,7 +17,7 @@ from character_baker.core.errors import UserError
 from character_baker.core.runs import adapter_hash
 from character_baker.core.stage import StageContext
 from character_baker.pipeline.chain import plan_stages, select_stages
-from character_baker.pipeline.runner import run_stage, stage_inputs_hash
+from character_baker.pipeline.runner import missing_artifacts, run_stage, stage_inputs_hash
 from character_baker.pipeline.stages import STAGES
 
 # Throughputs measured by benchmarks/ (RESULTS.md) for a 135M-parameter model; scaled by model size.
@@ -118,6 +118,15 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
+    def shown_counts(self) -> dict[str, int]:
+        """The counts of the planned stages only (no introspection counts when the method has none)."""
+        return {key: value for key, value in self.counts.items()
+                if COUNT_STAGES.get(key) is None or COUNT_STAGES[key] in self.planned}
+
+
+COUNT_STAGES = {"distill_samples": "distill_data", "distill_pairs": "distill", "reflections": "introspect_data",
+                "interactions": "introspect_data", "eval_prompts": "eval"}  # count -> the stage it sizes
+
 
 def estimate_counts(ctx: StageContext) -> dict[str, int]:
     """Prompt and sample counts implied by the constitution and recipe."""
@@ -180,7 +189,9 @@ def plan_run(ctx: StageContext, start: str | None = None, until: str | None = No
     actions, upstream_changes = {}, False
     for name in stages:
         prepare_stage_options(name, ctx, planned)  # the same options the run will hash
-        current = not force and not upstream_changes and ctx.run.is_stage_current(name, stage_inputs_hash(STAGES[name], ctx))
+        current = (not force and not upstream_changes
+                   and ctx.run.is_stage_current(name, stage_inputs_hash(STAGES[name], ctx))
+                   and not missing_artifacts(ctx, name))
         actions[name] = "skip (inputs unchanged)" if current else "run"
         upstream_changes |= not current
     counts = estimate_counts(ctx)

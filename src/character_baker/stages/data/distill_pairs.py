@@ -40,7 +40,7 @@ from character_baker.core.degeneration import cut_to_last_sentence, is_looping, 
 from character_baker.core.persona_scorer import RUN_FILE as SCORER_FILE, PersonaScorer, cue_pattern, cue_values
 from character_baker.core.runs import JsonlStore, atomic_write_json, read_jsonl, stable_hash, write_jsonl_atomic
 from character_baker.core.stage import StageContext, StageResult, nothing_usable_error
-from character_baker.core.system_prompts import persona_system_prompt, thinking_prefill
+from character_baker.core.system_prompts import example_turns, persona_system_prompt, thinking_prefill
 from character_baker.core.text import contains_phrase, is_refusal, is_truncated, name_variants, pov_confusion
 
 DISTILL_FILE = "data/distill.jsonl"
@@ -118,11 +118,13 @@ class PairFilter:
 # ----------------------------------------------------------------------------- conversations
 def teacher_conversation(ctx: StageContext, prompt_text: str, with_constitution: bool = True,
                          history: list[dict] | None = None) -> list[dict]:
-    """The teacher's input: constitution system prompt (unless paired-teacher rejected), the turns, prefill."""
+    """The teacher's input: constitution system prompt and example turns (unless paired-teacher rejected), the
+    turns, prefill. The example turns are the teacher's alone: the pair's messages hold the prompt only."""
     messages = []
     if with_constitution:
         messages.append({"role": "system", "content": persona_system_prompt(ctx.constitution,
                                                                          ctx.recipe.generation.persona_prompt)})
+        messages.extend(example_turns(ctx.constitution, ctx.recipe.distill.teacher_examples, exclude=prompt_text))
     messages.extend(history or [{"role": "user", "content": prompt_text}])
     if with_constitution and ctx.recipe.distill.thinking_prefill:
         messages.append({"role": "assistant", "content": THINK_OPEN + thinking_prefill(ctx.constitution)})
@@ -160,7 +162,8 @@ def candidates_record_id(prompt: dict, ctx: StageContext, turns: list[dict] | No
                         "teacher": gen.teacher.model_dump(mode="json"), "student": gen.student.model_dump(mode="json"),
                         "base": ctx.recipe.models.base, "paired": cfg.paired_teacher, "best_of": cfg.best_of,
                         "samples": cfg.samples_per_prompt, "prefill": cfg.thinking_prefill,
-                        "teacher_name": cfg.teacher_name, "persona_prompt": gen.persona_prompt})
+                        "teacher_name": cfg.teacher_name, "persona_prompt": gen.persona_prompt,
+                        **({"teacher_examples": cfg.teacher_examples} if cfg.teacher_examples else {})})
 
 
 @dataclass

@@ -171,7 +171,20 @@ def _plain_cell(cell: Cell) -> str:
 
 
 def side_by_side_lines(report: dict[str, Any], count: int) -> list[str]:
-    """Up to `count` prompts (plain first, then under attack, then prefill) with the base's and trained's answers."""
+    """Answers of the base and the trained model to the same prompts, each labelled by the classifier.
+
+    With the eval's `side_by_side` selection (its rule is printed): those prompts. Without one (older
+    reports, no trained condition): up to `count` prompts, plain first, then under attack, then prefill."""
+    chosen = report.get("side_by_side")
+    if chosen and chosen.get("items"):
+        lines = [f"answers side by side (base vs trained; {chosen['in_character']} of {chosen['n']} trained answers "
+                 f"are in character; shown: {chosen['rule']}; every answer: eval/answers.jsonl):"]
+        for item in chosen["items"]:
+            lines.append(f"  [plain] {_one_line(item['prompt'])}")
+            for name, text in item["answers"].items():
+                label = "in character" if item["in_character"].get(name) else "not in character"
+                lines.append(f"    {name} ({label}): {_one_line(text)}")
+        return lines
     names = [c["name"] for c in report.get("conditions", [])]
     other = "trained" if "trained" in names else (names[-1] if len(names) > 1 else None)
     if other is None:

@@ -3,7 +3,9 @@
     run(ctx) reads   data/distill.jsonl (classifier), adapters/distill/, adapters/persona/, model/,
                      profile/ (steered, when the steering hook is installed), logs/calibration.json or
                      logs/merge_sweep.json (the persona-vs-capability curve, when present), the options below
-             writes  eval/report.json, eval/report.html, eval/classifier/, eval/judgements.jsonl
+             writes  eval/report.json, eval/report.html, eval/classifier/, eval/judgements.jsonl,
+                     eval/answers.jsonl (every answer of every condition and answer set, with the
+                     classifier's in-character flag and the looping flag: read the answers, not only the rates)
 
 Options (ctx.options): adapters {NAME: PATH}, models {NAME: REF}, prompt_files [PATH], lm_eval
 [TASK], with_runs [RUN] (further personas for an N-way classifier), fingerprint (of the files
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
 
 AnswerSets = dict[str, dict[str, list["Completion"]]]  # condition -> answer set -> completions
 JUDGEMENTS_FILE = "eval/judgements.jsonl"
+ANSWERS_FILE = "eval/answers.jsonl"
 SWEEP_FILES = ("logs/calibration.json", "logs/merge_sweep.json")  # persona-strength tables, first found wins
 WEAK_JUDGE_NOTE = ("The judge is the base model itself, a weak judge: its verdicts always parse (each is the most "
                    "likely option by next-token log-probability), but a model this small mostly follows position "
@@ -135,6 +138,59 @@ def _samples(prompts: Sequence[dict], sets: AnswerSets, count: int) -> dict[str,
                          "answers": answers("prefill", i)} for i in range(min(count, len(base["prefill"])))]}
 
 
+def side_by_side(rows: Sequence[dict], count: int) -> dict[str, Any] | None:
+    """Plain prompts to show base vs trained at the end of `train`, chosen by a stated rule, not by eye.
+
+    The first `count` prompts (in eval order) whose trained answer the classifier puts in character,
+    then the first whose answer it does not, each answer labelled, with the count of both: the
+    reader sees what the character sounds like and what a miss looks like."""
+    plain = {(row["condition"], row["prompt"]): row for row in rows if row["answer_set"] == "plain"}
+    trained = [row for row in rows if row["condition"] == "trained" and row["answer_set"] == "plain"]
+    if not trained or count <= 0:
+        return None
+    hits = [row for row in trained if row["in_character"]]
+    misses = [row for row in trained if not row["in_character"]]
+    shown = {row["prompt"] for row in hits[:count] + misses[:1]}
+    items = [{"prompt": row["prompt"],
+              "answers": {name: plain[(name, row["prompt"])]["answer"] for name in ("base", "trained")
+                          if (name, row["prompt"]) in plain},
+              "in_character": {name: plain[(name, row["prompt"])]["in_character"] for name in ("base", "trained")
+                               if (name, row["prompt"]) in plain}}
+             for row in trained if row["prompt"] in shown]
+    return {"condition": "trained", "in_character": len(hits), "n": len(trained), "items": items,
+            "rule": f"the first {count} plain prompts whose trained answer is in character (by the persona "
+                    "classifier), then the first whose answer is not"}
+
+
+def answer_rows(prompts: Sequence[dict], sets: AnswerSets,
+                persona_classifier: classifier.PersonaClassifier) -> list[dict[str, Any]]:
+    """One record per answer (condition, answer set, prompt, text, in character, looping), one classifier pass.
+
+    Break splits and the prefill attack answer the first `eval.robustness_prompts` plain prompts
+    (the prefill opened by the base's plain answer), so each record names its prompt."""
+    from character_baker.core.degeneration import is_looping
+
+    rows = []
+    for name, by_set in sets.items():
+        for answer_set, completions in by_set.items():
+            for index, completion in enumerate(completions):
+                rows.append({"condition": name, "answer_set": answer_set, "prompt": prompts[index]["prompt"],
+                             "category": prompts[index].get("category"), "answer": completion.text,
+                             "finish_reason": completion.finish_reason, "looping": is_looping(completion.text)})
+    flags = persona_classifier.in_character([row["answer"] for row in rows]) if rows else []
+    for row, flag in zip(rows, flags):
+        row["in_character"] = flag
+    return rows
+
+
+def write_answers(run: RunDir, rows: Sequence[dict]) -> str:
+    """eval/answers.jsonl: every answer record of `answer_rows`, one per line."""
+    from character_baker.core.runs import write_jsonl_atomic
+
+    write_jsonl_atomic(run.path(ANSWERS_FILE), rows)
+    return ANSWERS_FILE
+
+
 def _sweep(run: RunDir) -> dict[str, Any] | None:
     """The persona-strength table of this run (calibration, else the merge-scale sweep), when one exists."""
     for relative in SWEEP_FILES:
@@ -205,12 +261,14 @@ def run(ctx: StageContext) -> StageResult:
               "preferences": {"ratings": ratings, "deltas": preferences.preference_deltas(ratings, "base")},
               "coherence": _coherence(ctx, conditions, prompts, plain, judge),
               "samples": _samples(prompts.plain, sets, ctx.recipe.eval.sample_answers), "sweep": _sweep(ctx.run)}
+    rows = answer_rows(prompts.plain, sets, persona_classifier)
+    result["side_by_side"] = side_by_side(rows, report.SIDE_BY_SIDE)
     if options.get("lm_eval"):
         from character_baker.backends.models import resolve_device
 
         result["lm_eval"] = harness.run_lm_eval(conditions.conditions, options["lm_eval"], ctx.recipe.models,
                                                 str(resolve_device(ctx.recipe.models.device)))
     result["judge"] = {**judge_info, "counts": judge.counts()}
-    artifacts = report.write_report(ctx.run, result)
+    artifacts = [*report.write_report(ctx.run, result), write_answers(ctx.run, rows)]
     tokens = sum(c.tokens_generated for c in conditions.conditions) + judge.tokens_generated
     return StageResult("eval", artifacts=artifacts, summary=report.summary(result), tokens_generated=tokens)

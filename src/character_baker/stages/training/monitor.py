@@ -11,10 +11,14 @@ system prompt), and the log gets, next to the loss:
 - `monitor_eligible`: looping at most `monitor.looping_tolerance` above the base model's rate on
   the same prompts (measured once, adapter off, before training).
 
-The rule: the best check is the eligible one with the highest persona score (the latest eligible
-one when there is no scorer); its adapter is saved in `adapters/<stage>/best/`, and with
-`monitor.keep: best` it becomes the stage's adapter. Training stops early after
-`monitor.patience` checks in a row that do not beat the best. State lives in
+The rule: the best check is the latest eligible one whose persona score is within one standard
+error of the highest (the latest eligible one when there is no scorer). A check's score is a mean
+over a few sampled answers, so a later check that scores a hair lower is the same within noise,
+and more training is what the stage is for: on the demo run (4 prompts) the plain maximum kept
+step 5 of 12 over step 10 for 0.9438 against 0.9378, a difference of a tenth of one standard
+error. Its adapter is saved in `adapters/<stage>/best/`, and with `monitor.keep: best` it becomes
+the stage's adapter. Training stops early after `monitor.patience` checks in a row that do not
+reach the best. State lives in
 `adapters/<stage>/monitor.json` (atomic) so a resumed run continues the same history.
 """
 
@@ -36,16 +40,18 @@ BEST_FOLDER = "best"
 
 @dataclass
 class Check:
-    """One monitor check: step, persona score (None without a scorer), looping rate, eligibility."""
+    """One monitor check: step, persona score (None without a scorer) and its standard error, looping, eligibility."""
 
     step: int
     persona: float | None
     looping: float
     eligible: bool
+    persona_se: float | None = None  # standard error of the mean score over the check's answers
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
-        return {"step": self.step, "persona": self.persona, "looping": self.looping, "eligible": self.eligible}
+        return {"step": self.step, "persona": self.persona, "looping": self.looping, "eligible": self.eligible,
+                "persona_se": self.persona_se}
 
 
 @dataclass
@@ -84,7 +90,8 @@ class TrainingMonitor:
         atomic_write_json(self.state_path, {"fingerprint": self.fingerprint, "base_looping": self.base_looping,
                                             "checks": [c.to_dict() for c in self.checks],
                                             "best_step": best.step if best else None,
-                                            "rule": f"highest persona with looping <= base + {self.cfg.looping_tolerance}"})
+                                            "rule": "latest check within one standard error of the highest persona, "
+                                                    f"with looping <= base + {self.cfg.looping_tolerance}"})
 
     # ------------------------------------------------------------------ checks
     def due(self, step: int, total_steps: int) -> bool:
@@ -104,23 +111,26 @@ class TrainingMonitor:
     def check(self, model: Any, step: int) -> Check:
         """Answer the prompts with the adapter, score them, record the check."""
         answers = self.answer(model, self.prompts, True)
-        persona = None
+        persona = persona_se = None
         if self.scorer is not None and answers:
-            persona = round(sum(self.scorer.score(answers)) / len(answers), 4)
+            persona, persona_se = _mean_and_se(self.scorer.score(answers))
         looping = _looping_rate(answers)
         eligible = looping <= (self.base_looping or 0.0) + self.cfg.looping_tolerance
-        self.checks = [c for c in self.checks if c.step < step] + [Check(step, persona, looping, eligible)]
+        self.checks = [c for c in self.checks if c.step < step] + [Check(step, persona, looping, eligible, persona_se)]
         self._save()
         return self.checks[-1]
 
     def best(self) -> Check | None:
-        """The eligible check with the highest persona score (the latest eligible one without a scorer)."""
+        """The latest eligible check within one standard error of the highest persona score (the latest
+        eligible one without a scorer). The error is the top check's; a check without one counts as exact."""
         eligible = [c for c in self.checks if c.eligible]
         if not eligible:
             return None
         if any(c.persona is None for c in eligible):
             return eligible[-1]
-        return max(eligible, key=lambda c: (c.persona, -c.step))
+        top = max(eligible, key=lambda c: (c.persona, -c.step))
+        floor = top.persona - (top.persona_se or 0.0)
+        return [c for c in eligible if c.persona >= floor][-1]
 
     def should_stop(self) -> bool:
         """True when the last `patience` checks all came after the best one (or none was ever eligible)."""
@@ -137,6 +147,14 @@ class TrainingMonitor:
                 "monitor_best_step": best.step if best else None,
                 "monitor_best_persona": best.persona if best else None,
                 "monitor_best_looping": best.looping if best else None}
+
+
+def _mean_and_se(scores: Sequence[float]) -> tuple[float, float]:
+    """Mean of the scores and its standard error (sample standard deviation / sqrt(n); 0 for one score)."""
+    n = len(scores)
+    mean = sum(scores) / n
+    variance = sum((s - mean) ** 2 for s in scores) / (n - 1) if n > 1 else 0.0
+    return round(mean, 4), round((variance / n) ** 0.5, 4)
 
 
 def _looping_rate(answers: Sequence[str]) -> float:
