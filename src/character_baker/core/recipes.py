@@ -54,15 +54,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # The README's main command: SmolLM2-135M on 2 CPU cores in under 8 minutes, sized so the character
     # visibly takes. Measured (2 cores, 2026-12-02): introspection at this size trained on 11 examples in
-    # 2 steps and moved nothing, so its minute goes to distillation; the 135M teacher uses the pirate's
-    # words in about a third of its answers, so the best of 4 must carry a voice cue (`no_voice_cue`);
-    # checkable prompts kept 0 of 6 (the teacher gets arithmetic wrong in character). Calibration picks
-    # the strength on 48 MC items; eval compares the trained model with the base only. Runs: 8 min 51 s
-    # with the monitor every 3 steps on 6 prompts, a 72-token teacher and three scales; 7 min 59.6 s without;
-    # then 4 fewer general prompts, 6 calibration prompts and 16-token short answers in eval: 10 min 2 s on
-    # the same machine an hour later (the host ran ~40% slower: same code, same tokens/s benchmark). 3
-    # questions per trait (and 4 calibration prompts on 40 MC items) ran in 7 min 48 s on that host but
-    # the character no longer took (in character 17% vs 0%, classifier F1 0.67 on fewer answers): kept at 4.
+    # 2 steps and moved nothing, so its minute goes to distillation; checkable prompts kept 0 of 6 (the
+    # 135M teacher gets arithmetic wrong in character). The brief card alone made the teacher use the
+    # character's words in 27% of answers and the trained model read 29% in character (base 0%); the
+    # two shortest constitution examples as earlier teacher turns (`distill.teacher_examples`) took the
+    # teacher to 74% and the trained model to 71% (7 min 49 s at best of 4 and 3 epochs; best of 3 and 2
+    # epochs: 75%, 6 min 51 s). The `no_voice_cue` filter added little once the teacher had examples
+    # (55 of 60 chosen answers carried a cue either way) and dropped every pair of the sarcastic
+    # constitution, whose vocabulary is phrases the teacher never says verbatim, so it is off. Calibration
+    # picks the strength on 32 MC items; eval compares the trained model with the base only.
     "demo": {
         "method": ["distill"],
         "prompts": {"questions_per_trait": 4, "general_prompts": 20, "synthesized_prompts": 0, "checkable_prompts": 0},
