@@ -14,10 +14,9 @@ import pytest
 from character_baker.core import assets
 from character_baker.core.stats import mean_estimate, proportion
 from character_baker.stages.evaluation.html import render_html
-from tests.test_serve_page import CHROMIUM, browser  # noqa: F401 (the fixture)
+from tests.test_serve_page import NEEDS_BROWSER, browser  # noqa: F401 (the fixture)
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"headless Chromium is not installed ({CHROMIUM} "
-                                "is absent): apt-get install chromium chromium-driver")
+pytestmark = NEEDS_BROWSER
 CONDITIONS = ["base", "prompted", "distilled", "trained"]
 
 

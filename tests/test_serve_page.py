@@ -22,8 +22,11 @@ CHARACTERS = {"pirate": "You are Captain Rook, a gruff but warm pirate captain."
 MAX_TOKENS = 12
 KEY = "page-key"
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"headless Chromium is not installed ({CHROMIUM} "
-                                "is absent): apt-get install chromium chromium-driver")
+# Both are needed: a machine with the browser but not its driver skips too, saying which is absent.
+BROWSER_MISSING = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.exists()]
+NEEDS_BROWSER = pytest.mark.skipif(bool(BROWSER_MISSING), reason=f"headless Chromium is not installed "
+                                   f"({', '.join(BROWSER_MISSING)} absent): apt-get install chromium chromium-driver")
+pytestmark = NEEDS_BROWSER
 
 
 @pytest.fixture
