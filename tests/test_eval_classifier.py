@@ -135,3 +135,28 @@ def test_too_little_data_is_a_user_error_naming_the_fix(tmp_path, bert):
     with pytest.raises(UserError) as error:
         classifier.load_or_train(eval_context(run, bert))
     assert "distill.jsonl" in str(error.value) and "--data-only" in str(error.value)
+
+
+def test_a_text_is_classified_once_however_many_measures_ask():
+    import torch
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.rows = 0
+
+        def forward(self, input_ids, attention_mask=None):
+            self.rows += len(input_ids)
+            logits = torch.stack([input_ids[:, 0].float(), 1 - input_ids[:, 0].float()], dim=-1)
+            return type("Output", (), {"logits": logits})()
+
+    def tokenizer(texts, **kwargs):
+        return {"input_ids": torch.tensor([[0 if text.startswith("arr") else 1] for text in texts])}
+
+    model = Counting()
+    persona = classifier.PersonaClassifier(model, tokenizer, ["assistant", "pirate"], batch_size=2, max_length=8)
+    assert persona.predict(["arr a", "plain", "arr a", "arr b"]) == ["pirate", "assistant", "pirate", "pirate"]
+    assert model.rows == 3  # the repeated text went through the encoder once
+    assert persona.in_character(["plain", "arr b", "arr c"]) == [False, True, True]
+    assert model.rows == 4  # only "arr c" was new

@@ -24,7 +24,7 @@ KEY = "page-key"
 
 # Both are needed: a machine with the browser but not its driver skips too, saying which is absent.
 BROWSER_MISSING = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.exists()]
-NEEDS_BROWSER = pytest.mark.skipif(bool(BROWSER_MISSING), reason=f"headless Chromium is not installed "
+NEEDS_BROWSER = pytest.mark.skipif(bool(BROWSER_MISSING), reason=f"needs headless Chromium and chromedriver "
                                    f"({', '.join(BROWSER_MISSING)} absent): apt-get install chromium chromium-driver")
 pytestmark = NEEDS_BROWSER
 

@@ -163,6 +163,7 @@ def candidates_record_id(prompt: dict, ctx: StageContext, turns: list[dict] | No
                         "base": ctx.recipe.models.base, "paired": cfg.paired_teacher, "best_of": cfg.best_of,
                         "samples": cfg.samples_per_prompt, "prefill": cfg.thinking_prefill,
                         "teacher_name": cfg.teacher_name, "persona_prompt": gen.persona_prompt,
+                        # only when set, so the candidates of runs made before this setting keep their ids
                         **({"teacher_examples": cfg.teacher_examples} if cfg.teacher_examples else {})})
 
 

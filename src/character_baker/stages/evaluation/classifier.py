@@ -111,6 +111,7 @@ class PersonaClassifier:
     def __init__(self, model: Any, tokenizer: Any, labels: Sequence[str], *, batch_size: int, max_length: int):
         self.model, self.tokenizer, self.labels = model.eval(), tokenizer, list(labels)
         self.batch_size, self.max_length = batch_size, max_length
+        self._predicted: dict[str, str] = {}  # text -> class: every measure (and eval/answers.jsonl) asks once
 
     @property
     def persona(self) -> str:
@@ -125,15 +126,16 @@ class PersonaClassifier:
         return {key: value.to(device) for key, value in encoded.items()}
 
     def predict(self, texts: Sequence[str]) -> list[str]:
-        """The most likely class of each text."""
+        """The most likely class of each text; a text seen before is not classified again."""
         import torch
 
-        predicted: list[str] = []
+        unseen = list(dict.fromkeys(text for text in texts if text not in self._predicted))
         with torch.inference_mode():
-            for start in range(0, len(texts), self.batch_size):
-                logits = self.model(**self.encode(texts[start:start + self.batch_size])).logits
-                predicted += [self.labels[i] for i in logits.argmax(-1).tolist()]
-        return predicted
+            for start in range(0, len(unseen), self.batch_size):
+                batch = unseen[start:start + self.batch_size]
+                logits = self.model(**self.encode(batch)).logits
+                self._predicted.update(zip(batch, (self.labels[i] for i in logits.argmax(-1).tolist())))
+        return [self._predicted[text] for text in texts]
 
     def in_character(self, texts: Sequence[str]) -> list[bool]:
         """Whether each text is classified as this run's persona."""

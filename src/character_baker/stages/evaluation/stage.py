@@ -164,7 +164,9 @@ def side_by_side(rows: Sequence[dict], count: int) -> dict[str, Any] | None:
 
 def answer_rows(prompts: Sequence[dict], sets: AnswerSets,
                 persona_classifier: classifier.PersonaClassifier) -> list[dict[str, Any]]:
-    """One record per answer (condition, answer set, prompt, text, in character, looping), one classifier pass.
+    """One record per answer (condition, answer set, prompt, text, in character, looping).
+
+    The classifier remembers its verdicts, so after the robustness measure this asks it nothing new.
 
     Break splits and the prefill attack answer the first `eval.robustness_prompts` plain prompts
     (the prefill opened by the base's plain answer), so each record names its prompt."""

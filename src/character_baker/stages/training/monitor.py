@@ -33,6 +33,7 @@ from character_baker.core.config import MonitorConfig, SamplingConfig
 from character_baker.core.degeneration import is_looping
 from character_baker.core.persona_scorer import PersonaScorer
 from character_baker.core.runs import atomic_write_json, stable_hash
+from character_baker.core.stats import mean_estimate
 
 MONITOR_FILE = "monitor.json"
 BEST_FOLDER = "best"
@@ -113,7 +114,8 @@ class TrainingMonitor:
         answers = self.answer(model, self.prompts, True)
         persona = persona_se = None
         if self.scorer is not None and answers:
-            persona, persona_se = _mean_and_se(self.scorer.score(answers))
+            score = mean_estimate(self.scorer.score(answers))
+            persona, persona_se = round(score.value, 4), round(score.se or 0.0, 4)
         looping = _looping_rate(answers)
         eligible = looping <= (self.base_looping or 0.0) + self.cfg.looping_tolerance
         self.checks = [c for c in self.checks if c.step < step] + [Check(step, persona, looping, eligible, persona_se)]
@@ -147,14 +149,6 @@ class TrainingMonitor:
                 "monitor_best_step": best.step if best else None,
                 "monitor_best_persona": best.persona if best else None,
                 "monitor_best_looping": best.looping if best else None}
-
-
-def _mean_and_se(scores: Sequence[float]) -> tuple[float, float]:
-    """Mean of the scores and its standard error (sample standard deviation / sqrt(n); 0 for one score)."""
-    n = len(scores)
-    mean = sum(scores) / n
-    variance = sum((s - mean) ** 2 for s in scores) / (n - 1) if n > 1 else 0.0
-    return round(mean, 4), round((variance / n) ** 0.5, 4)
 
 
 def _looping_rate(answers: Sequence[str]) -> float:
